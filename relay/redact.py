@@ -1,0 +1,69 @@
+"""Keep credentials out of everything a human or a log shipper can read.
+
+A DSN is the one secret every component handles. `Dsn` carries it with a masked `str`/`repr`,
+and `redact()` is the safety net for text we did not build ourselves (driver errors, tracebacks),
+applied by the logging filter installed in `relay.logs`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import psycopg.conninfo
+
+MASK = "***"
+
+# postgresql://user:secret@host -> postgresql://user:***@host (any scheme, so kafka/sasl URLs too)
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s]*)@")
+# key=value conninfo and URL query strings: password=secret, password='se cret'
+_KV_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<secret>'(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Mask every password that looks like part of a DSN in `text`."""
+    text = _URL_PASSWORD.sub(lambda m: m.group("head") + MASK + "@", text)
+    return _KV_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
+
+
+class Dsn:
+    """A PostgreSQL connection string whose password never leaks through str/repr/format."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        value = value.strip()
+        if not value:
+            raise ValueError("the connection string is empty")
+        try:
+            psycopg.conninfo.conninfo_to_dict(value)
+        except psycopg.Error as exc:
+            # libpq's message may quote the input, so it is redacted as well.
+            raise ValueError(f"not a valid PostgreSQL connection string: {redact(str(exc))}") from None
+        self._value = value
+
+    def secret(self) -> str:
+        """The real connection string, for handing to the driver and nothing else."""
+        return self._value
+
+    @property
+    def masked(self) -> str:
+        return redact(self._value)
+
+    def params(self) -> dict[str, str]:
+        return {k: str(v) for k, v in psycopg.conninfo.conninfo_to_dict(self._value).items()}
+
+    def with_params(self, **overrides: str) -> "Dsn":
+        """A DSN to the same server with some parameters replaced (e.g. another database)."""
+        return Dsn(psycopg.conninfo.make_conninfo(self._value, **overrides))
+
+    def __str__(self) -> str:
+        return self.masked
+
+    def __repr__(self) -> str:
+        return f"Dsn({self.masked!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Dsn) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)

@@ -1,0 +1,170 @@
+"""The one settings model every component reads (relay, inbox, dashboard, CLI, dev stack).
+
+Values come from `OUTBOX_*` environment variables, then `.env`, then `.outbox/dev.env` (written
+by `outbox dev up`), in that order of precedence. A bad value stops the program at start-up with
+a `ConfigError` that names the variable, says what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import string
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, PlainSerializer, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from relay.redact import Dsn, redact
+
+ENV_PREFIX = "OUTBOX_"
+TOPIC_FIELDS = frozenset({"aggregate_type", "event_type"})
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message is meant for the operator as is."""
+
+
+def _to_dsn(value: Any) -> Any:
+    if value is None or isinstance(value, Dsn):
+        return value
+    if isinstance(value, str):
+        return Dsn(value) if value.strip() else None
+    raise ValueError("must be a string")
+
+
+DsnSetting = Annotated[Dsn | None, BeforeValidator(_to_dsn), PlainSerializer(lambda d: d.masked if d else None)]
+
+# What to tell the operator when a variable is wrong: the fix, not the validator's internals.
+_HINTS: dict[str, str] = {
+    "database_url": "set it to a libpq URL such as postgresql://user:password@127.0.0.1:5432/app "
+    "(run `outbox dev up` for a local one)",
+    "kafka_bootstrap": "set it to a comma-separated list of host:port, e.g. 127.0.0.1:9092",
+    "delivery": "use at-least-once (default) or exactly-once",
+    "slot_name": "use lower-case letters, digits and underscores, at most 63 characters, e.g. outbox_relay",
+    "publication": "use lower-case letters, digits and underscores, at most 63 characters, e.g. outbox_events",
+    "topic_template": "use a Python format string with only {aggregate_type} and {event_type}, "
+    "e.g. outbox.event.{aggregate_type}",
+    "compression": "use one of auto, zstd, lz4, gzip, snappy, none",
+    "dev_kafka": "use auto, apache or tansu",
+    "log_format": "use text or json",
+    "log_level": "use DEBUG, INFO, WARNING or ERROR",
+}
+
+
+def _check_identifier(value: str) -> str:
+    if not _IDENTIFIER.match(value):
+        raise ValueError(f"{value!r} is not a safe PostgreSQL identifier")
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        # Later files win; real environment variables beat both.
+        env_file=(".outbox/dev.env", ".env"),
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # --- connections
+    database_url: DsnSetting = None
+    kafka_bootstrap: str = "127.0.0.1:9092"
+
+    # --- relay
+    delivery: Literal["at-least-once", "exactly-once"] = "at-least-once"
+    slot_name: str = "outbox_relay"
+    publication: str = "outbox_events"
+    topic_template: str = "outbox.event.{aggregate_type}"
+    relay_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    checkpoint_topic: str = "outbox.relay.checkpoints"
+    compression: Literal["auto", "zstd", "lz4", "gzip", "snappy", "none"] = "auto"
+    linger_ms: int = Field(default=5, ge=0, le=10_000)
+    batch_max_events: int = Field(default=5_000, ge=1, le=1_000_000)
+    max_inflight_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    heartbeat_interval_s: float = Field(default=10.0, gt=0, le=3600)
+    status_interval_s: float = Field(default=5.0, gt=0, le=60)
+    track_deliveries: bool = True
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
+
+    # --- logging
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    # --- embedded dev stack
+    dev_dir: Path = Path(".outbox")
+    dev_kafka: Literal["auto", "apache", "tansu"] = "auto"
+    dev_kafka_version: str = "4.1.1"
+    dev_cache_dir: Path | None = None
+    dev_pg_user: str = "outbox-dev"
+    maven_repo: str = "https://repo1.maven.org/maven2"
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap(cls, value: str) -> str:
+        servers = [s.strip() for s in value.split(",") if s.strip()]
+        if not servers:
+            raise ValueError("is empty")
+        for server in servers:
+            host, _, port = server.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{server!r} is not host:port")
+        return ",".join(servers)
+
+    @field_validator("slot_name", "publication")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        return _check_identifier(value)
+
+    @field_validator("topic_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"is not a valid format string ({exc})") from None
+        unknown = fields - TOPIC_FIELDS
+        if unknown:
+            raise ValueError(f"uses unknown placeholder(s) {sorted(unknown)}")
+        return value
+
+    def require_database_url(self) -> Dsn:
+        if self.database_url is None:
+            raise ConfigError(
+                f"{ENV_PREFIX}DATABASE_URL is not set. Fix: {_HINTS['database_url']}, "
+                f"or `source {self.dev_dir / 'dev.env'}` after `outbox dev up`."
+            )
+        return self.database_url
+
+    @property
+    def kafka_servers(self) -> list[str]:
+        return self.kafka_bootstrap.split(",")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, turning pydantic's validation report into one actionable ConfigError."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors(include_url=False):
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        var = ENV_PREFIX + field.upper()
+        shown = redact(repr(err.get("input"))) if "input" in err else "?"
+        reason = err["msg"].removeprefix("Value error, ")
+        fix = _HINTS.get(field)
+        if fix is None and err["type"].startswith(("greater", "less")):
+            fix = "choose a value within the allowed range"
+        line = f"  {var}={shown}: {reason}."
+        if fix:
+            line += f" Fix: {fix}."
+        lines.append(line)
+    return "\n".join(lines)
