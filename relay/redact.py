@@ -35,10 +35,14 @@ class Dsn:
         if not value:
             raise ValueError("the connection string is empty")
         try:
-            psycopg.conninfo.conninfo_to_dict(value)
+            params = psycopg.conninfo.conninfo_to_dict(value)
         except psycopg.Error as exc:
             # libpq's message may quote the input, so it is redacted as well.
             raise ValueError(f"not a valid PostgreSQL connection string: {redact(str(exc))}") from None
+        # libpq only checks the port when connecting; fail at start-up instead.
+        for port in str(params.get("port") or "5432").split(","):
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"not a valid PostgreSQL connection string: port {port!r} is not a number 1-65535")
         self._value = value
 
     def secret(self) -> str:

@@ -1,0 +1,30 @@
+# Every target sets up what it needs on a fresh machine: a venv with the package and its extras,
+# the Kafka jars (downloaded on first use into ~/.cache/outbox), the embedded servers.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: test demo install bench clean
+
+test: install  ## the full suite against real PostgreSQL 18 + Apache Kafka (what CI runs)
+	$(BIN)/pytest
+
+demo: install  ## everything at once for a first look
+	$(BIN)/outbox demo
+
+bench: install  ## benchmarks; results land in bench/results/
+	$(BIN)/python -m bench.relay_bench
+	$(BIN)/python -m bench.inbox_bench
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+clean:
+	-$(BIN)/outbox dev down
+	rm -rf $(VENV) .outbox

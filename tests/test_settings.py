@@ -1,0 +1,145 @@
+"""Settings: one model, OUTBOX_* variables, .env files, and errors that name the variable and the fix."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from relay.logs import RedactingFilter
+from relay.redact import Dsn, redact
+from relay.settings import ConfigError, load_settings
+
+SECRET = "s3cr3t-Pa55"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    for key in list(__import__("os").environ):
+        if key.startswith("OUTBOX_"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)  # no stray .env / .outbox/dev.env from the developer's checkout
+
+
+def test_defaults():
+    s = load_settings()
+    assert s.delivery == "at-least-once"
+    assert s.topic_template == "outbox.event.{aggregate_type}"
+    assert s.kafka_servers == ["127.0.0.1:9092"]
+    assert s.database_url is None
+
+
+def test_environment_variables_are_read(monkeypatch):
+    monkeypatch.setenv("OUTBOX_DATABASE_URL", f"postgresql://app:{SECRET}@db:5432/app")
+    monkeypatch.setenv("OUTBOX_DELIVERY", "exactly-once")
+    monkeypatch.setenv("OUTBOX_KAFKA_BOOTSTRAP", "k1:9092, k2:9093")
+    s = load_settings()
+    assert s.delivery == "exactly-once"
+    assert s.kafka_servers == ["k1:9092", "k2:9093"]
+    assert s.database_url.secret() == f"postgresql://app:{SECRET}@db:5432/app"
+
+
+def test_env_files_dev_env_then_dotenv_then_environment(tmp_path, monkeypatch):
+    (tmp_path / ".outbox").mkdir()
+    (tmp_path / ".outbox" / "dev.env").write_text(
+        "export OUTBOX_DATABASE_URL='postgresql://postgres:pw@127.0.0.1:1/app'\nexport OUTBOX_SLOT_NAME=from_dev\n")
+    (tmp_path / ".env").write_text("OUTBOX_SLOT_NAME=from_dotenv\nOUTBOX_PUBLICATION=pub_dotenv\n")
+    monkeypatch.setenv("OUTBOX_PUBLICATION", "pub_env")
+    s = load_settings()
+    assert s.database_url.params()["port"] == "1"
+    assert s.slot_name == "from_dotenv"
+    assert s.publication == "pub_env"
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "expected"),
+    [
+        ("OUTBOX_DELIVERY", "exactly_once", "OUTBOX_DELIVERY='exactly_once'"),
+        ("OUTBOX_KAFKA_BOOTSTRAP", "localhost", "is not host:port"),
+        ("OUTBOX_SLOT_NAME", "My-Slot", "not a safe PostgreSQL identifier"),
+        ("OUTBOX_TOPIC_TEMPLATE", "events.{tenant}", "unknown placeholder(s) ['tenant']"),
+        ("OUTBOX_TOPIC_TEMPLATE", "events.{aggregate_type", "not a valid format string"),
+        ("OUTBOX_LINGER_MS", "-1", "OUTBOX_LINGER_MS='-1'"),
+        ("OUTBOX_DATABASE_URL", "postgresql://u:pw@host:notaport/db", "not a valid PostgreSQL connection string"),
+    ],
+)
+def test_invalid_values_name_the_variable_and_the_fix(monkeypatch, var, value, expected):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    message = str(err.value)
+    assert var in message
+    assert expected in message
+    assert "Fix:" in message
+
+
+def test_several_errors_are_reported_at_once(monkeypatch):
+    monkeypatch.setenv("OUTBOX_DELIVERY", "twice")
+    monkeypatch.setenv("OUTBOX_COMPRESSION", "brotli")
+    message = str(pytest.raises(ConfigError, load_settings).value)
+    assert "OUTBOX_DELIVERY" in message and "OUTBOX_COMPRESSION" in message
+
+
+def test_missing_database_url_says_how_to_get_one():
+    with pytest.raises(ConfigError, match=r"OUTBOX_DATABASE_URL is not set\. Fix: .*outbox dev up"):
+        load_settings().require_database_url()
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        f"postgresql://app:{SECRET}@db.internal:5432/app?sslmode=require",
+        f"host=db.internal port=5432 user=app password={SECRET} dbname=app",
+        f"host=db.internal password='{SECRET}' dbname=app",
+        f"postgresql://app@db.internal/app?password={SECRET}",
+    ],
+)
+def test_dsn_password_never_appears_in_str_repr_or_settings_dump(dsn):
+    d = Dsn(dsn)
+    assert d.secret() == dsn
+    for shown in (str(d), repr(d), f"{d}", d.masked, redact(dsn)):
+        assert SECRET not in shown
+        assert "***" in shown
+    s = load_settings(database_url=dsn)
+    assert SECRET not in repr(s) and SECRET not in str(s.model_dump()) and SECRET not in s.model_dump_json()
+
+
+def test_invalid_dsn_error_does_not_echo_the_password(monkeypatch):
+    monkeypatch.setenv("OUTBOX_DATABASE_URL", f"postgresql://app:{SECRET}@db:99999999/app")
+    message = str(pytest.raises(ConfigError, load_settings).value)
+    assert SECRET not in message and "OUTBOX_DATABASE_URL" in message
+
+
+def test_logging_filter_redacts_messages_args_and_tracebacks():
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "connecting to %s", (f"postgresql://u:{SECRET}@h/db",),
+                               None)
+    try:
+        raise RuntimeError(f"failed: password={SECRET} host=h")
+    except RuntimeError:
+        record.exc_info = sys.exc_info()
+    record.dsn = f"postgresql://u:{SECRET}@h/db"
+    RedactingFilter().filter(record)
+    rendered = logging.Formatter().format(record)
+    assert SECRET not in rendered and SECRET not in record.dsn
+    assert "postgresql://u:***@h/db" in rendered
+
+
+def test_cli_exits_2_with_the_message_on_bad_configuration(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "OUTBOX_DELIVERY": "maybe",
+           "OUTBOX_DATABASE_URL": f"postgresql://u:{SECRET}@127.0.0.1:1/db"}
+    result = subprocess.run([sys.executable, "-m", "relay.cli", "migrate"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "OUTBOX_DELIVERY='maybe'" in result.stderr and "Fix: use at-least-once" in result.stderr
+    assert SECRET not in result.stderr
+
+
+def test_cli_connection_failure_is_one_line_without_the_password(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "OUTBOX_DATABASE_URL": f"postgresql://u:{SECRET}@127.0.0.1:1/db"}
+    result = subprocess.run([sys.executable, "-m", "relay.cli", "migrate"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "outbox migrate: error:" in result.stderr and "Connection refused" in result.stderr
+    assert SECRET not in result.stderr and "Traceback" not in result.stderr
