@@ -93,7 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", "terminal summary: slot lag, in flight, duplicates, unknown outcomes", "issue #5"),
     ]:
         sub.add_parser(name, help=text, description=text).set_defaults(func=_not_yet(issue))
+    _register_components(sub)
     return parser
+
+
+def _register_components(sub: argparse._SubParsersAction) -> None:
+    """Subcommands owned by the other packages (each has a `register(subparsers)`)."""
+
 
 
 def main(argv: list[str] | None = None) -> int:

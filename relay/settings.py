@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     track_deliveries: bool = True
     metrics_port: int = Field(default=9464, ge=0, le=65535)
 
+    # --- inbox (consumers)
+    inbox_max_attempts: int = Field(default=5, ge=1, le=100)
+    inbox_backoff_initial_s: float = Field(default=0.2, gt=0, le=60)
+    inbox_backoff_max_s: float = Field(default=10.0, gt=0, le=600)
+    inbox_retention_days: float = Field(default=7.0, gt=0)
+    effect_lease_s: float = Field(default=30.0, gt=0, le=86_400)
+
     # --- logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
