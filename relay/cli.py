@@ -53,6 +53,23 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _relay(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+
+    from relay.daemon import Relay
+
+    relay = Relay(settings, recreate_slot=args.recreate_slot)
+
+    def on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
+        if relay.stop.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: stop waiting for in-flight records
+        relay.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return relay.run()
+
+
 def _not_yet(issue: str) -> Callable[[argparse.Namespace, Settings], int]:
     def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"outbox {args.command}: not implemented yet ({issue})", file=sys.stderr)
@@ -86,8 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="install the schema even if wal_level is not 'logical'")
     mig.set_defaults(func=_migrate)
 
+    rel = sub.add_parser(
+        "relay", help="run the relay daemon in the foreground",
+        description="Stream committed outbox events from a logical replication slot to Kafka. Several relays "
+        "may run for one slot: one streams, the others wait as standbys and take over within seconds. "
+        "SIGTERM/Ctrl-C finishes in-flight records, acknowledges what Kafka acknowledged and exits 0. "
+        "Settings: OUTBOX_DATABASE_URL, OUTBOX_KAFKA_BOOTSTRAP, OUTBOX_DELIVERY=at-least-once|exactly-once, "
+        "OUTBOX_SLOT_NAME, OUTBOX_PUBLICATION, OUTBOX_TOPIC_TEMPLATE, OUTBOX_METRICS_PORT (/metrics, /healthz).")
+    rel.add_argument("--recreate-slot", action="store_true",
+                     help="drop and re-create the replication slot (after it was invalidated), republishing every "
+                     "outbox event not recorded as published")
+    rel.set_defaults(func=_relay)
+
     for name, text, issue in [
-        ("relay", "run the relay daemon in the foreground", "issue #3"),
         ("dashboard", "run the Streamlit operator dashboard", "issue #5"),
         ("demo", "everything at once for a first look", "issue #3"),
         ("status", "terminal summary: slot lag, in flight, duplicates, unknown outcomes", "issue #5"),

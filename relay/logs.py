@@ -65,3 +65,5 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level)
     # kafka-python logs every reconnect attempt at INFO/WARNING; our own messages say what matters.
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # "Topic X not found in cluster metadata" at ERROR precedes every auto-created topic.
+    logging.getLogger("kafka.cluster").setLevel(logging.CRITICAL)

@@ -85,7 +85,10 @@ class Settings(BaseSettings):
     compression: Literal["auto", "zstd", "lz4", "gzip", "snappy", "none"] = "auto"
     linger_ms: int = Field(default=5, ge=0, le=10_000)
     batch_max_events: int = Field(default=5_000, ge=1, le=1_000_000)
+    batch_max_age_ms: int = Field(default=200, ge=1, le=60_000)
+    max_record_bytes: int = Field(default=1_048_576, ge=1024)
     max_inflight_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    max_inflight_events: int = Field(default=20_000, ge=100)
     heartbeat_interval_s: float = Field(default=10.0, gt=0, le=3600)
     status_interval_s: float = Field(default=5.0, gt=0, le=60)
     track_deliveries: bool = True

@@ -1,0 +1,167 @@
+"""kafka-python producer for the relay: idempotent, order-preserving, optionally transactional.
+
+Failures of single records are classified here: a record the broker will never accept (too
+large, illegal topic, not authorised) is dead-lettered; anything else (broker down, leader moving,
+timeouts) is transient and makes the daemon restart its pipeline from the slot's confirmed
+position without acknowledging anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import errors as kerr
+from kafka.admin import NewTopic
+from kafka.codec import has_lz4, has_zstd
+
+from relay.settings import Settings
+
+log = logging.getLogger("outbox.relay")
+
+# Records the broker rejects for what they are, not for the state of the cluster.
+_PERMANENT = {
+    kerr.MessageSizeTooLargeError: "oversize",
+    kerr.RecordListTooLargeError: "oversize",
+    kerr.InvalidTopicError: "invalid_topic",
+    kerr.TopicAuthorizationFailedError: "authorization",
+    kerr.CorruptRecordError: "invalid_record",
+    kerr.InvalidTimestampError: "invalid_record",
+}
+_FIX = {
+    "oversize": "raise the topic's max.message.bytes (and OUTBOX_MAX_RECORD_BYTES) or shrink the event, then replay",
+    "invalid_topic": "fix the aggregate type or OUTBOX_TOPIC_TEMPLATE, then replay",
+    "authorization": "grant the relay's principal WRITE on the topic, then replay",
+    "invalid_record": "inspect the event, then replay",
+}
+
+
+class Fenced(Exception):
+    """Another relay with the same transactional id took over (exactly-once zombie fencing)."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    permanent: bool
+    reason: str
+    message: str
+
+
+def classify(exc: BaseException) -> Failure:
+    for cls, reason in _PERMANENT.items():
+        if isinstance(exc, cls):
+            return Failure(True, reason, f"{type(exc).__name__}: {exc}. Fix: {_FIX[reason]}.")
+    return Failure(False, "transient", f"{type(exc).__name__}: {exc}")
+
+
+def compression(setting: str) -> str | None:
+    if setting == "auto":
+        return "zstd" if has_zstd() else "lz4" if has_lz4() else None
+    return None if setting == "none" else setting
+
+
+def producer_config(settings: Settings, transactional_id: str | None = None) -> dict:
+    config = dict(
+        bootstrap_servers=settings.kafka_servers,
+        client_id=f"outbox-relay-{settings.relay_id}",
+        acks="all",
+        enable_idempotence=True,
+        # With idempotence, up to 5 in-flight requests per connection still keep per-partition order.
+        max_in_flight_requests_per_connection=5,
+        compression_type=compression(settings.compression),
+        linger_ms=settings.linger_ms,
+        batch_size=256 * 1024,
+        max_request_size=settings.max_record_bytes,
+        # A broker outage is ridden out by kafka-python's own retries for this long; beyond it the
+        # daemon restarts from the slot (nothing acknowledged, nothing lost).
+        delivery_timeout_ms=120_000,
+        max_block_ms=30_000,
+    )
+    if transactional_id:
+        config.update(transactional_id=transactional_id, transaction_timeout_ms=60_000)
+    return config
+
+
+class Publisher:
+    def __init__(self, settings: Settings, transactional_id: str | None = None):
+        self.settings = settings
+        self.transactional = transactional_id is not None
+        self.producer = KafkaProducer(**producer_config(settings, transactional_id))
+        self.in_transaction = False
+
+    def send(self, topic: str, value: bytes | None, key: bytes, headers: list):
+        return self.producer.send(topic, value=value, key=key, headers=headers)
+
+    # ----- exactly-once
+
+    def init_transactions(self) -> None:
+        """Fences any older producer with our transactional id and settles its open transaction."""
+        self.producer.init_transactions()
+
+    def begin(self) -> None:
+        self.producer.begin_transaction()
+        self.in_transaction = True
+
+    def commit(self, checkpoint_topic: str, checkpoint_key: bytes, checkpoint: dict) -> None:
+        self.producer.send(checkpoint_topic, key=checkpoint_key, value=json.dumps(checkpoint).encode())
+        try:
+            self.producer.commit_transaction()
+        except (kerr.ProducerFencedError, kerr.InvalidProducerEpochError) as exc:
+            raise Fenced(str(exc)) from exc
+        finally:
+            self.in_transaction = False
+
+    def abort(self) -> None:
+        if self.in_transaction:
+            try:
+                self.producer.abort_transaction()
+            except kerr.KafkaError as exc:
+                log.warning("aborting the Kafka transaction failed (the broker aborts it on timeout): %s", exc)
+            self.in_transaction = False
+
+    def close(self, timeout: float = 10) -> None:
+        try:
+            self.producer.close(timeout=timeout)
+        except kerr.KafkaError as exc:  # closing is best effort; nothing depends on it
+            log.warning("closing the Kafka producer: %s", exc)
+
+
+def ensure_checkpoint_topic(settings: Settings) -> None:
+    """The exactly-once checkpoint topic: one partition, compacted (latest checkpoint per relay)."""
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_servers, client_id="outbox-relay-admin")
+    try:
+        if settings.checkpoint_topic not in admin.list_topics():
+            admin.create_topics([NewTopic(settings.checkpoint_topic, 1, 1, topic_configs={
+                "cleanup.policy": "compact", "min.compaction.lag.ms": "60000"})])
+    except kerr.TopicAlreadyExistsError:
+        pass
+    finally:
+        admin.close()
+
+
+def read_checkpoint(settings: Settings, key: bytes, timeout: float = 30) -> dict | None:
+    """The last committed checkpoint for `key`, read with read_committed up to the end of the topic."""
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_servers, group_id=None, enable_auto_commit=False,
+                             isolation_level="read_committed", auto_offset_reset="earliest",
+                             client_id="outbox-relay-checkpoint")
+    try:
+        partitions = consumer.partitions_for_topic(settings.checkpoint_topic) or {0}
+        tps = [TopicPartition(settings.checkpoint_topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        latest = None
+        deadline = time.monotonic() + timeout
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading checkpoint topic {settings.checkpoint_topic} timed out")
+            for records in consumer.poll(timeout_ms=500).values():
+                for record in records:
+                    if record.key == key and record.value is not None:
+                        latest = json.loads(record.value)
+        return latest
+    finally:
+        consumer.close()

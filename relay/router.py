@@ -1,0 +1,152 @@
+"""Pure routing: one decoded outbox row -> one Kafka record (topic, key, value, headers). No I/O.
+
+A row that cannot become a valid record raises RouteError with a machine-readable reason and an
+explanation that says how to fix it; the daemon dead-letters it and moves on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from dataclasses import dataclass
+
+from relay import envelope
+from relay.pgoutput import Relation, lsn_to_str, pg_timestamp
+
+OUTBOX_COLUMNS = ("event_id", "aggregate_type", "aggregate_id", "event_type", "payload", "headers", "created_at",
+                  "txid")
+_TOPIC = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
+# What Kafka's record format adds around key, value and headers; used only for an early,
+# conservative size check (kafka-python checks again exactly).
+RECORD_OVERHEAD = 64
+
+
+class SchemaError(Exception):
+    """The published table does not look like outbox.events (a configuration problem, not a row problem)."""
+
+
+class RouteError(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Column positions of outbox.events in the relation as PostgreSQL announced it."""
+
+    oid: int
+    event_id: int
+    aggregate_type: int
+    aggregate_id: int
+    event_type: int
+    payload: int
+    headers: int
+    created_at: int
+    txid: int
+
+    @classmethod
+    def of(cls, relation: Relation) -> "Layout":
+        names = [c.name for c in relation.columns]
+        missing = [c for c in OUTBOX_COLUMNS if c not in names]
+        if missing:
+            raise SchemaError(
+                f"published table {relation.namespace}.{relation.name} lacks column(s) {missing}; "
+                f"the publication must contain only outbox.events. Fix: run `outbox migrate` and check "
+                f"the publication with `\\dRp+` in psql."
+            )
+        return cls(relation.oid, *(names.index(c) for c in OUTBOX_COLUMNS))
+
+
+@dataclass(frozen=True, slots=True)
+class Txn:
+    """Per-transaction header values, formatted once for all events of the transaction."""
+
+    commit_lsn: int
+    commit_lsn_text: bytes
+    commit_ts_text: bytes
+
+    @classmethod
+    def of(cls, final_lsn: int, commit_ts: int) -> "Txn":
+        ts = pg_timestamp(commit_ts).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        return cls(final_lsn, lsn_to_str(final_lsn).encode(), ts.encode())
+
+
+@dataclass(slots=True)
+class Record:
+    topic: str
+    key: bytes
+    value: bytes | None
+    headers: list
+    event_id: bytes
+    txid: bytes
+    size: int
+
+
+class Router:
+    def __init__(self, topic_template: str, max_record_bytes: int):
+        self.template = topic_template
+        self.max_record_bytes = max_record_bytes
+        fields = {name for _, name, _, _ in string.Formatter().parse(topic_template) if name}
+        self._uses_event_type = "event_type" in fields
+        self._topics: dict[tuple[bytes, bytes], str] = {}
+
+    def topic(self, aggregate_type: bytes, event_type: bytes) -> str:
+        cache_key = (aggregate_type, event_type if self._uses_event_type else b"")
+        topic = self._topics.get(cache_key)
+        if topic is None:
+            topic = self.template.format(aggregate_type=aggregate_type.decode(), event_type=event_type.decode())
+            if not _TOPIC.match(topic) or topic in (".", ".."):
+                raise RouteError(
+                    "invalid_topic",
+                    f"topic {topic!r} formed by OUTBOX_TOPIC_TEMPLATE={self.template!r} is not a legal Kafka topic "
+                    f"name (1-249 characters of a-z A-Z 0-9 . _ -). Fix: use aggregate types made of those "
+                    f"characters, or change the template; then replay the dead letter.",
+                )
+            if len(self._topics) < 100_000:
+                self._topics[cache_key] = topic
+        return topic
+
+    def route(self, layout: Layout, row: tuple, txn: Txn) -> Record:
+        event_id = row[layout.event_id]
+        aggregate_type = row[layout.aggregate_type]
+        aggregate_id = row[layout.aggregate_id]
+        event_type = row[layout.event_type]
+        value = row[layout.payload]
+        txid = row[layout.txid]
+        topic = self.topic(aggregate_type, event_type)
+        raw_headers = row[layout.headers]
+        own = None if raw_headers == b"{}" else own_headers(raw_headers)
+        headers = envelope.build_headers(event_id, event_type, aggregate_type, aggregate_id, txn.commit_lsn_text,
+                                         txid, txn.commit_ts_text, own)
+        size = RECORD_OVERHEAD + len(aggregate_id) + (len(value) if value is not None else 0) + \
+            sum(len(k) + len(v) for k, v in headers)
+        if size > self.max_record_bytes:
+            raise RouteError(
+                "oversize",
+                f"event is {size} bytes as a Kafka record, over the {self.max_record_bytes}-byte limit "
+                f"(OUTBOX_MAX_RECORD_BYTES, which must not exceed the broker's message.max.bytes). Fix: keep "
+                f"large documents out of the event (store them and send a reference), or raise both limits "
+                f"and replay the dead letter.",
+            )
+        return Record(topic, aggregate_id, value, headers, event_id, txid, size)
+
+
+def own_headers(raw: bytes) -> list[tuple[str, bytes]]:
+    """The event's own headers (a JSON object of strings) as Kafka headers, in their JSON order."""
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        raise RouteError("bad_headers", "headers column is not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise RouteError("bad_headers", "headers must be a JSON object; write events with outbox.emit()")
+    out = []
+    for name, value in parsed.items():
+        if not isinstance(value, str):
+            raise RouteError("bad_headers", f"header {name!r} has a non-string value; write events with "
+                                            f"outbox.emit(), which rejects those")
+        if envelope.is_reserved(name):
+            raise RouteError("bad_headers", f"header {name!r} is reserved for the relay; rename it")
+        out.append((name, value.encode()))
+    return out

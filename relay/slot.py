@@ -1,0 +1,133 @@
+"""The database side of the relay: server checks, publication, replication slot, HA lock.
+
+Every problem a restart cannot fix becomes a FatalError whose message names the fix; the daemon
+exits non-zero with it instead of retrying forever.
+"""
+
+from __future__ import annotations
+
+import re
+
+import psycopg
+
+from relay.migrate import WAL_LEVEL_FIX
+
+
+class FatalError(Exception):
+    """A problem that retrying will not solve; the message says how to fix it."""
+
+
+SLOT_LOST_FIX = (
+    "replication slot {slot!r} was invalidated ({why}): PostgreSQL removed WAL the relay had not read yet, "
+    "typically because the relay was down longer than max_slot_wal_keep_size (or idle_replication_slot_timeout) "
+    "allows. Events committed in that time were not streamed. Fix: run `outbox relay --recreate-slot`, which drops "
+    "and re-creates the slot and republishes, from the outbox table, every event not recorded as published; "
+    "consider raising max_slot_wal_keep_size and alerting on outbox_relay_slot_lag_bytes."
+)
+PUBLICATION_GONE_FIX = (
+    "the slot cannot decode the outbox: {detail}. The publication was dropped (or re-created after the slot's "
+    "position, which a slot cannot see). Fix: run `outbox migrate` (or CREATE PUBLICATION {pub} FOR TABLE "
+    "outbox.events WITH (publish = 'insert')), then `outbox relay --recreate-slot` to restart decoding after it; "
+    "events not recorded as published are republished from the outbox table."
+)
+
+
+def lock_key(slot: str) -> str:
+    return f"outbox-relay:{slot}"
+
+
+def check_server(conn: psycopg.Connection) -> None:
+    level = conn.execute("SHOW wal_level").fetchone()[0]
+    if level != "logical":
+        raise FatalError(WAL_LEVEL_FIX.format(level=level).replace(" Use --no-wal-check to install the schema anyway.",
+                                                                   ""))
+    if conn.execute("SELECT to_regclass('outbox.relay_batches')").fetchone()[0] is None:
+        raise FatalError("the outbox schema is missing or outdated in this database. Fix: run `outbox migrate` "
+                         "against OUTBOX_DATABASE_URL.")
+
+
+def try_lock(conn: psycopg.Connection, slot: str) -> bool:
+    """Session advisory lock: exactly one relay per slot streams; the others wait as standbys.
+    It is released by PostgreSQL the moment the holder's connection dies (e.g. kill -9)."""
+    return conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (lock_key(slot),)).fetchone()[0]
+
+
+def ensure_publication(conn: psycopg.Connection, publication: str) -> bool:
+    """Create the publication if missing (before the slot: a slot cannot see a later publication)."""
+    row = conn.execute("SELECT pubinsert FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
+    if row is not None:
+        tables = conn.execute("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = %s",
+                              (publication,)).fetchall()
+        if [t for (t,) in tables] != ["outbox.events"] or not row[0]:
+            raise FatalError(
+                f"publication {publication!r} exists but does not publish inserts of exactly outbox.events "
+                f"(it covers {[t for (t,) in tables]}). Fix: choose another OUTBOX_PUBLICATION, or "
+                f"ALTER PUBLICATION {publication} SET TABLE outbox.events; ALTER PUBLICATION {publication} "
+                f"SET (publish = 'insert')."
+            )
+        return False
+    try:
+        conn.execute(f'CREATE PUBLICATION "{publication}" FOR TABLE outbox.events WITH (publish = \'insert\')')
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise FatalError(
+            f"publication {publication!r} is missing and this role may not create it ({exc.diag.message_primary}). "
+            f"Fix: run `outbox migrate` as the owner of outbox.events, or have them run CREATE PUBLICATION "
+            f"{publication} FOR TABLE outbox.events WITH (publish = 'insert')."
+        ) from None
+    return True
+
+
+def slot_state(conn: psycopg.Connection, slot: str) -> dict | None:
+    row = conn.execute(
+        "SELECT plugin, database, active_pid, wal_status, confirmed_flush_lsn::text, "
+        "to_jsonb(s) ->> 'invalidation_reason' FROM pg_replication_slots s WHERE slot_name = %s", (slot,)).fetchone()
+    if row is None:
+        return None
+    keys = ("plugin", "database", "active_pid", "wal_status", "confirmed_flush_lsn", "invalidation_reason")
+    return dict(zip(keys, row))
+
+
+def ensure_slot(conn: psycopg.Connection, slot: str) -> bool:
+    """Create the slot if missing; refuse one that cannot serve us. True if created."""
+    state = slot_state(conn, slot)
+    if state is None:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+        return True
+    database = conn.execute("SELECT current_database()").fetchone()[0]
+    if state["plugin"] != "pgoutput" or state["database"] != database:
+        raise FatalError(
+            f"replication slot {slot!r} belongs to plugin {state['plugin']!r} in database {state['database']!r}, "
+            f"not pgoutput in {database!r}. Fix: set OUTBOX_SLOT_NAME to another name."
+        )
+    if state["wal_status"] == "lost" or state["invalidation_reason"]:
+        why = f"wal_status={state['wal_status']}"
+        if state["invalidation_reason"]:
+            why += f", reason={state['invalidation_reason']}"
+        raise FatalError(SLOT_LOST_FIX.format(slot=slot, why=why))
+    return False
+
+
+def drop_slot(conn: psycopg.Connection, slot: str) -> None:
+    conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
+                 (slot,))
+
+
+_ACTIVE = re.compile(r"is active for PID (\d+)")
+
+
+def slot_holder(message: str) -> int | None:
+    """The PID holding the slot, if START_REPLICATION failed because another process streams it."""
+    match = _ACTIVE.search(message)
+    return int(match.group(1)) if match else None
+
+
+def fatal_stream_error(message: str, slot: str, publication: str) -> FatalError | None:
+    """Replication errors a restart cannot cure, rewritten to say what to do."""
+    if "can no longer access replication slot" in message or "has been invalidated" in message \
+            or "can no longer get changes from replication slot" in message:
+        return FatalError(SLOT_LOST_FIX.format(slot=slot, why=message.splitlines()[0]))
+    if "publication" in message and "does not exist" in message:
+        return FatalError(PUBLICATION_GONE_FIX.format(detail=message.splitlines()[0], pub=publication))
+    if "does not exist" in message and "replication slot" in message:
+        return None  # dropped under us: the next session re-creates it
+    return None
