@@ -48,6 +48,7 @@ class Batch:
     partial_commit_lsn: int = 0  # a transaction still open when the batch closed...
     partial_events: int = 0  # ...and how many of its events this and earlier batches hold
     nbytes: int = 0
+    backfill_after: tuple[str, str] | None = None  # (created_at, event_id) of its last backfilled event
     closed: bool = False
     handed_over: bool = False  # given to the ledger
     persisted: bool = False  # set by the ledger thread once its outcome is in PostgreSQL
@@ -121,6 +122,9 @@ class Checkpoint:
     partial_commit_lsn: int = 0  # this transaction is in Kafka only in part...
     partial_events: int = 0  # ...its first partial_events events
     batch_id: int = 0  # the relay_batches row of the Kafka transaction that wrote this
+    # Backfill progress: events of backfill_snapshot up to this (created_at, event_id) are in Kafka.
+    backfill_snapshot: str = ""
+    backfill_after: tuple[str, str] | None = None
 
     def skip_transaction(self, final_lsn: int) -> bool:
         return final_lsn <= self.commit_lsn
@@ -130,17 +134,24 @@ class Checkpoint:
 
     def to_json(self) -> dict:
         return {"commit_lsn": self.commit_lsn, "partial_commit_lsn": self.partial_commit_lsn,
-                "partial_events": self.partial_events, "batch_id": self.batch_id}
+                "partial_events": self.partial_events, "batch_id": self.batch_id,
+                "backfill_snapshot": self.backfill_snapshot,
+                "backfill_after": list(self.backfill_after) if self.backfill_after else None}
 
     @classmethod
     def from_json(cls, doc: dict | None) -> "Checkpoint":
         if not doc:
             return cls()
+        after = doc.get("backfill_after")
         return cls(int(doc["commit_lsn"]), int(doc["partial_commit_lsn"]), int(doc["partial_events"]),
-                   int(doc.get("batch_id", 0)))
+                   int(doc.get("batch_id", 0)), doc.get("backfill_snapshot") or "", tuple(after) if after else None)
 
     @classmethod
-    def after(cls, batch: Batch, previous: "Checkpoint") -> "Checkpoint":
+    def after(cls, batch: Batch, previous: "Checkpoint", backfill_snapshot: str = "") -> "Checkpoint":
         """The checkpoint once `batch` is committed."""
         commit_lsn = batch.last_commit_lsn or previous.commit_lsn
-        return cls(commit_lsn, batch.partial_commit_lsn, batch.partial_events, batch.batch_id)
+        if batch.backfill_after:
+            snapshot, after = backfill_snapshot, batch.backfill_after
+        else:
+            snapshot, after = previous.backfill_snapshot, previous.backfill_after
+        return cls(commit_lsn, batch.partial_commit_lsn, batch.partial_events, batch.batch_id, snapshot, after)

@@ -42,6 +42,7 @@ SELECT e.event_id::text, e.aggregate_type, e.aggregate_id, e.event_type, e.paylo
    AND NOT EXISTS (SELECT 1 FROM outbox.relay_batches b, unnest(b.xids) AS x(txid)
                     WHERE b.slot_name = %(slot)s AND b.status IN ('acked', 'committed') AND x.txid = e.txid)
    AND NOT EXISTS (SELECT 1 FROM outbox.relay_dead_letters d WHERE d.event_id = e.event_id)
+   AND (%(after_ts)s::timestamptz IS NULL OR (e.created_at, e.event_id) > (%(after_ts)s::timestamptz, %(after_id)s::uuid))
  ORDER BY e.created_at, e.event_id
 """
 # Rows read back from the table use the column order of OUTBOX_COLUMNS (plus created_at in µs).
@@ -136,7 +137,7 @@ class Relay:
                                     checkpoint=checkpoint, poison=self.poison)
                 pipeline_ref.append(pipeline)
                 if snapshot is not None:
-                    self._backfill(control, pipeline, snapshot, confirmed)
+                    self._backfill(control, pipeline, snapshot, confirmed, checkpoint)
                 self._open_stream(control, stream)
                 self.metrics.role = "active"
                 self.metrics.active.set(1)
@@ -213,17 +214,22 @@ class Relay:
         log.info("created replication slot %s at %s", s.slot_name, row[1])
         return snapshot
 
-    def _backfill(self, control: psycopg.Connection, pipeline: Pipeline, snapshot: str, position: int) -> None:
+    def _backfill(self, control: psycopg.Connection, pipeline: Pipeline, snapshot: str, position: int,
+                  checkpoint: Checkpoint | None) -> None:
         s = self.s
         watermark = control.execute("SELECT watermark_txid::text FROM outbox.relay_status WHERE slot_name = %s",
                                     (s.slot_name,)).fetchone()[0]
+        # Exactly-once resumes an interrupted backfill exactly after the last event Kafka committed.
+        after = checkpoint.backfill_after if checkpoint and checkpoint.backfill_snapshot == snapshot else None
         started = time.monotonic()
         with psycopg.connect(self.dsn.secret(), connect_timeout=10) as reader:
             with reader.cursor(name="outbox_backfill") as cur:
                 cur.itersize = 2000
-                cur.execute(BACKFILL_QUERY, {"snapshot": snapshot, "watermark": watermark, "slot": s.slot_name})
+                cur.execute(BACKFILL_QUERY, {"snapshot": snapshot, "watermark": watermark, "slot": s.slot_name,
+                                             "after_ts": after[0] if after else None,
+                                             "after_id": after[1] if after else None})
                 rows = (tuple(None if v is None else v.encode() for v in r) for r in cur)
-                count = pipeline.backfill(rows, TABLE_LAYOUT, position)
+                count = pipeline.backfill(rows, TABLE_LAYOUT, position, snapshot)
         control.execute("UPDATE outbox.relay_status SET backfill_snapshot = NULL WHERE slot_name = %s",
                         (s.slot_name,))
         if count:

@@ -83,6 +83,7 @@ class Pipeline:
         self.watermarks: list[tuple[int, str]] = []
         self.watermark: str | None = None
         self.outbox_activity = False
+        self.backfill_snapshot = ""
         self._warned: set[str] = set()
 
     # ----- the loop
@@ -168,18 +169,20 @@ class Pipeline:
         txn = self.txn
         if layout is None or txn is None:
             return
-        txn.index += 1
         self.outbox_activity = True
-        if txn.skip_all:
+        if txn.skip_all or txn.skip_left:
+            txn.index += 1
+            if txn.skip_left:
+                txn.skip_left -= 1
             return
-        if txn.skip_left:
-            txn.skip_left -= 1
-            return
+        # Rotate batches before counting this event: a batch closed here must record how many of the
+        # transaction's events it (and earlier ones) hold, and this one goes to the next batch.
+        batch = self._batch_for_event()
+        txn.index += 1
         row = m.new
         txn.txid = row[layout.txid]
         txn.events += 1
         event_id = row[layout.event_id]
-        batch = self._batch_for_event()
         poisoned = self.poison.get(event_id)
         if poisoned is not None:
             batch.dead.append(DeadLetter(event_id, poisoned.reason, poisoned.message, None, row, txn.final_lsn))
@@ -266,7 +269,7 @@ class Pipeline:
             self._commit(batch)
 
     def _commit(self, batch: Batch) -> None:
-        checkpoint = Checkpoint.after(batch, self.checkpoint)
+        checkpoint = Checkpoint.after(batch, self.checkpoint, self.backfill_snapshot)
         try:
             self.publisher.commit(self.s.checkpoint_topic, self.s.slot_name.encode(), checkpoint.to_json())
         except Fenced:
@@ -315,12 +318,16 @@ class Pipeline:
             time.sleep(0.005)
         self._send_status()
 
-    def backfill(self, rows: Iterable[tuple], layout: Layout, commit_lsn: int) -> int:
+    def backfill(self, rows: Iterable[tuple], layout: Layout, slot_start: int, snapshot: str) -> int:
         """Publish rows read from the table (events the slot will never stream), then wait for them.
 
-        Their real commit LSN is unknown: outbox_commit_lsn carries the slot's start position (after
-        their commit) and outbox_commit_ts the event's created_at (the last column of each row)."""
+        Their real commit LSN is unknown. They are given slot_start - 1: below every streamed commit,
+        so an exactly-once checkpoint taken during the backfill never skips a streamed transaction
+        (the first one may commit exactly at the slot's start). outbox_commit_ts carries the event's
+        created_at (the last column of each row)."""
         self.layouts[layout.oid] = layout
+        self.backfill_snapshot = snapshot
+        commit_lsn = slot_start - 1
         count = 0
         for row in rows:
             txid = row[layout.txid]
@@ -331,6 +338,8 @@ class Pipeline:
                 self.txn.skip_all, self.txn.skip_left = False, 0
                 self.txn.txid = txid
             self._on_insert(Insert(layout.oid, row))
+            if self.batch is not None:
+                self.batch.backfill_after = (row[layout.created_at].decode(), row[layout.event_id].decode())
             count += 1
             while self._saturated():
                 self._collect()
