@@ -31,12 +31,14 @@ from relay.publisher import Failure, Fenced, Publisher, classify
 from relay.replication import Keepalive, ReplicationStream, XLogData, now_pg
 from relay.router import Layout, Router, RouteError, Txn
 from relay.settings import Settings
+from relay.slot import PUBLICATION_GONE_FIX, FatalError
 
 log = logging.getLogger("outbox.relay")
 
 HEARTBEAT_PREFIX = "outbox.heartbeat"
 BATCH_MAX_BYTES = 16 * 1024 * 1024
 MAINTENANCE_EVERY_S = 2.0
+STOP_GRACE_S = 10.0
 
 
 class Transient(Exception):
@@ -94,6 +96,7 @@ class Pipeline:
         on_message = self._on_message
         now = time.monotonic()
         next_status, next_maintenance, next_heartbeat = now, now, now + s.heartbeat_interval_s
+        stopping_since = 0.0
         while True:
             if self.ledger.error is not None:
                 raise Transient(f"writing the relay ledger failed: {self.ledger.error}")
@@ -102,8 +105,12 @@ class Pipeline:
                 self.status_due = True
             now = time.monotonic()
             if self.stop.is_set():
-                self.drain()
-                return
+                # Let the source transaction in progress finish first (bounded), so that a graceful
+                # stop leaves nothing to replay: no duplicates even in at-least-once mode.
+                stopping_since = stopping_since or now
+                if self.txn is None or now - stopping_since > STOP_GRACE_S:
+                    self.drain()
+                    return
             if self.status_due or now >= next_status:
                 self._send_status()
                 next_status = now + s.status_interval_s
@@ -127,7 +134,7 @@ class Pipeline:
                     on_message(frame.payload)
                 else:
                     self._on_keepalive(frame)
-                if self._saturated():
+                if self._saturated() or (self.txn is None and self.stop.is_set()):
                     break
 
     def _saturated(self) -> bool:
@@ -368,9 +375,17 @@ class Pipeline:
         self.watermarks.append((str_to_lsn(insert_lsn), xmin))
         while self.watermarks and self.watermarks[0][0] <= self.queue.confirmed:
             self.watermark = self.watermarks.pop(0)[1]
-        lag = c.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, wal_status "
-                        "FROM pg_replication_slots WHERE slot_name = %s", (self.s.slot_name,)).fetchone()
+        lag = c.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, wal_status, "
+                        "EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = %s AND schemaname = 'outbox' "
+                        "AND tablename = 'events') FROM pg_replication_slots WHERE slot_name = %s",
+                        (self.s.publication, self.s.slot_name)).fetchone()
         if lag is not None:
+            if not lag[2]:
+                # PostgreSQL 18 no longer fails decoding when a publication disappears; it silently
+                # stops publishing the table. Stop instead of acknowledging past lost events.
+                raise FatalError(PUBLICATION_GONE_FIX.format(
+                    detail=f"publication {self.s.publication!r} no longer publishes outbox.events",
+                    pub=self.s.publication))
             self.metrics.slot_lag_bytes.set(lag[0] or 0)
             if lag[1] == "unreserved":
                 self._warn_once("unreserved", f"slot {self.s.slot_name!r} is about to be invalidated "

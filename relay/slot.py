@@ -26,9 +26,9 @@ SLOT_LOST_FIX = (
 )
 PUBLICATION_GONE_FIX = (
     "the slot cannot decode the outbox: {detail}. The publication was dropped (or re-created after the slot's "
-    "position, which a slot cannot see). Fix: run `outbox migrate` (or CREATE PUBLICATION {pub} FOR TABLE "
-    "outbox.events WITH (publish = 'insert')), then `outbox relay --recreate-slot` to restart decoding after it; "
-    "events not recorded as published are republished from the outbox table."
+    "position, which a slot cannot see). Fix: run `outbox relay --recreate-slot`: it re-creates the publication "
+    "{pub!r} if needed, then the slot after it, and republishes from the outbox table every event not recorded "
+    "as published."
 )
 
 
