@@ -117,27 +117,29 @@ def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
     return buf[pos:end].decode(), end + 1
 
 
-def _tuple(buf: bytes, pos: int) -> tuple[tuple, int]:
-    (count,) = _I16.unpack_from(buf, pos)
+def _tuple(buf: bytes, pos: int, _length=_I32.unpack_from) -> tuple[tuple, int]:
+    # The relay's hottest function: one call per outbox row, hence the inlined loop.
+    count = (buf[pos] << 8) | buf[pos + 1]
     pos += 2
     values = []
     append = values.append
+    end = len(buf)
     for _ in range(count):
         kind = buf[pos]
-        pos += 1
         if kind == 0x74 or kind == 0x62:  # 't' text, 'b' binary
-            (length,) = _I32.unpack_from(buf, pos)
-            pos += 4
-            if pos + length > len(buf):
-                raise DecodeError(f"column value of {length} bytes runs past the end of the message")
-            append(buf[pos:pos + length])
-            pos += length
+            stop = pos + 5 + _length(buf, pos + 1)[0]
+            if stop > end:
+                raise DecodeError(f"column value of {stop - pos - 5} bytes runs past the end of the message")
+            append(buf[pos + 5:stop])
+            pos = stop
         elif kind == 0x6E:  # 'n'
             append(None)
+            pos += 1
         elif kind == 0x75:  # 'u'
             append(UNCHANGED)
+            pos += 1
         else:
-            raise DecodeError(f"unknown tuple column kind {chr(kind)!r} at byte {pos - 1}")
+            raise DecodeError(f"unknown tuple column kind {chr(kind)!r} at byte {pos}")
     return tuple(values), pos
 
 

@@ -72,7 +72,7 @@ class Pipeline:
         self.eos = settings.delivery == "exactly-once"
         self.checkpoint = checkpoint or Checkpoint()
         self.poison = poison
-        self.router = Router(settings.topic_template, settings.max_record_bytes)
+        self.router = Router(settings.topic_template)
         self.layouts: dict[int, Layout] = {}
         self.layout: Layout | None = None
         self.queue = AckQueue(confirmed_lsn)

@@ -43,15 +43,15 @@ class Keepalive:
     reply_requested: bool
 
 
-def parse_frame(frame: bytes) -> XLogData | Keepalive:
-    kind = frame[:1]
-    if kind == b"w":
+def parse_frame(frame: bytes | memoryview) -> XLogData | Keepalive:
+    kind = frame[0]
+    if kind == 0x77:  # 'w'
         start, end, ts = _XLOGDATA.unpack_from(frame, 1)
-        return XLogData(start, end, ts, frame[25:])
-    if kind == b"k":
+        return XLogData(start, end, ts, bytes(frame[25:]))
+    if kind == 0x6B:  # 'k'
         end, ts, reply = _KEEPALIVE.unpack_from(frame, 1)
         return Keepalive(end, ts, bool(reply))
-    raise ReplicationError(f"unexpected CopyData frame type {kind!r}")
+    raise ReplicationError(f"unexpected CopyData frame type {chr(kind)!r}")
 
 
 def now_pg() -> int:
@@ -126,7 +126,7 @@ class ReplicationStream:
         pg = self._pg
         n, data = pg.get_copy_data(1)
         if n > 0:
-            return parse_frame(bytes(data))
+            return parse_frame(data)
         if n == 0:
             ready, _, _ = select.select([pg.socket], [], [], timeout)
             if not ready:
@@ -134,7 +134,7 @@ class ReplicationStream:
             pg.consume_input()
             n, data = pg.get_copy_data(1)
             if n > 0:
-                return parse_frame(bytes(data))
+                return parse_frame(data)
             if n == 0:
                 return None
         # n == -1: the server ended the COPY; its final result carries the reason.

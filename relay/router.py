@@ -17,9 +17,8 @@ from relay.pgoutput import Relation, lsn_to_str, pg_timestamp
 OUTBOX_COLUMNS = ("event_id", "aggregate_type", "aggregate_id", "event_type", "payload", "headers", "created_at",
                   "txid")
 _TOPIC = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
-# What Kafka's record format adds around key, value and headers; used only for an early,
-# conservative size check (kafka-python checks again exactly).
-RECORD_OVERHEAD = 64
+# Header names, transaction headers and record framing, roughly: for the in-flight byte budget.
+RECORD_OVERHEAD = 260
 
 
 class SchemaError(Exception):
@@ -85,9 +84,8 @@ class Record:
 
 
 class Router:
-    def __init__(self, topic_template: str, max_record_bytes: int):
+    def __init__(self, topic_template: str):
         self.template = topic_template
-        self.max_record_bytes = max_record_bytes
         fields = {name for _, name, _, _ in string.Formatter().parse(topic_template) if name}
         self._uses_event_type = "event_type" in fields
         self._topics: dict[tuple[bytes, bytes], str] = {}
@@ -120,16 +118,10 @@ class Router:
         own = None if raw_headers == b"{}" else own_headers(raw_headers)
         headers = envelope.build_headers(event_id, event_type, aggregate_type, aggregate_id, txn.commit_lsn_text,
                                          txid, txn.commit_ts_text, own)
-        size = RECORD_OVERHEAD + len(aggregate_id) + (len(value) if value is not None else 0) + \
-            sum(len(k) + len(v) for k, v in headers)
-        if size > self.max_record_bytes:
-            raise RouteError(
-                "oversize",
-                f"event is {size} bytes as a Kafka record, over the {self.max_record_bytes}-byte limit "
-                f"(OUTBOX_MAX_RECORD_BYTES, which must not exceed the broker's message.max.bytes). Fix: keep "
-                f"large documents out of the event (store them and send a reference), or raise both limits "
-                f"and replay the dead letter.",
-            )
+        # An estimate for the in-flight byte budget only; the producer enforces the exact record limit
+        # (OUTBOX_MAX_RECORD_BYTES) and the daemon dead-letters what it refuses.
+        size = RECORD_OVERHEAD + 2 * len(aggregate_id) + len(event_type) + len(aggregate_type) + \
+            (len(value) if value is not None else 0) + (len(raw_headers) if own else 0)
         return Record(topic, aggregate_id, value, headers, event_id, txid, size)
 
 

@@ -1,0 +1,288 @@
+"""Relay benchmark: ratios against ceilings measured in the same run on the same rows and broker.
+
+    python -m bench.relay_bench [--events 200000] [--latency-seconds 15]
+
+1. capture ceiling   pg_recvlogical (C) reading the slot to /dev/null
+2. relay capture     our psycopg stream + pgoutput decoder + router, no Kafka   (goal >= 0.9x of 1)
+3. produce ceiling   a bare kafka-python producer sending the relay's exact records, same config
+4. relay end to end  commit -> Kafka ack, with and without per-event delivery rows (goal >= 0.8x of 3)
+5. latency           commit -> Kafka ack at a steady 1,000 events/s, p50/p99
+
+Results are printed and saved as JSON under bench/results/. Runs on the embedded dev stack in
+.outbox/bench (PostgreSQL 18 + Apache Kafka), which it starts and stops itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psycopg
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.admin import NewTopic
+
+from relay.daemon import Relay
+from relay.devstack import DevStack
+from relay.devstack.postgres import binaries
+from relay.migrate import migrate
+from relay.pgoutput import Insert, Relation, decode, str_to_lsn
+from relay.publisher import Publisher, compression, producer_config
+from relay.replication import Keepalive, ReplicationStream
+from relay.router import Layout, Router, Txn
+from relay.settings import load_settings
+
+RESULTS = Path(__file__).parent / "results"
+PAYLOAD = 180  # bytes of padding: the JSON value is ~200 B
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def create_topic(bootstrap: str, name: str) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(name, 3, 1)])
+    admin.close()
+
+
+def insert_rows(dsn, aggregate_type: str, n: int) -> str:
+    with psycopg.connect(dsn.secret(), autocommit=True) as conn:
+        for start in range(0, n, 5000):
+            conn.execute(
+                "INSERT INTO outbox.events (aggregate_type, aggregate_id, event_type, payload) "
+                "SELECT %s, (i %% 1000)::text, 'Placed', jsonb_build_object('i', i, 'pad', repeat('x', %s)) "
+                "FROM generate_series(%s::int, %s::int) i", (aggregate_type, PAYLOAD, start, min(start + 5000, n) - 1))
+        return conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+
+
+def create_slot(dsn, name: str) -> None:
+    with psycopg.connect(dsn.secret(), autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+
+
+def bench_recvlogical(dsn, slot: str, end_lsn: str, n: int) -> float:
+    argv = [str(binaries() / "pg_recvlogical"), "-d", dsn.secret(), "-S", slot, "--start", "-E", end_lsn,
+            "-f", "/dev/null", "-o", "proto_version=1", "-o", "publication_names=outbox_events", "--no-loop"]
+    started = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True)
+    return n / (time.perf_counter() - started)
+
+
+def bench_capture(dsn, slot: str, end_lsn: str, n: int, template: str) -> float:
+    """The relay's own capture path (stream, decode, route) without Kafka."""
+    stream = ReplicationStream(dsn, slot, "outbox_events")
+    router = Router(template)
+    end = str_to_lsn(end_lsn)
+    layouts: dict[int, Layout] = {}
+    txn = Txn.of(0, 0)
+    seen = 0
+    stream.open()
+    started = time.perf_counter()
+    try:
+        while True:
+            frame = stream.read(1.0)
+            if frame is None:
+                continue
+            if isinstance(frame, Keepalive):
+                if frame.wal_end >= end:
+                    break
+                continue
+            msg = decode(frame.payload)
+            if type(msg) is Insert:
+                router.route(layouts[msg.relation_oid], msg.new, txn)
+                seen += 1
+                if seen == n:
+                    break
+            elif type(msg) is Relation:
+                layouts[msg.oid] = Layout.of(msg)
+    finally:
+        stream.close()
+    return seen / (time.perf_counter() - started)
+
+
+def relay_records(dsn, aggregate_type: str, template: str) -> list:
+    """The exact records the relay would send for these rows."""
+    router = Router(template)
+    layout = Layout(-1, *range(8))
+    txn = Txn.of(0, 0)
+    with psycopg.connect(dsn.secret()) as conn:
+        rows = conn.execute(
+            "SELECT event_id::text, aggregate_type, aggregate_id, event_type, payload::text, headers::text, "
+            "created_at::text, txid::text FROM outbox.events WHERE aggregate_type = %s ORDER BY event_id",
+            (aggregate_type,)).fetchall()
+    return [router.route(layout, tuple(v.encode() for v in r), txn) for r in rows]
+
+
+def bench_producer(settings, records: list, topic: str) -> float:
+    producer = KafkaProducer(**producer_config(settings))
+    producer.send(topic, b"warm-up", key=b"w").get(30)
+    started = time.perf_counter()
+    for r in records:
+        producer.send(topic, value=r.value, key=r.key, headers=r.headers)
+    producer.flush()
+    rate = len(records) / (time.perf_counter() - started)
+    producer.close()
+    return rate
+
+
+def published(dsn, slot: str) -> int:
+    with psycopg.connect(dsn.secret(), autocommit=True) as conn:
+        row = conn.execute("SELECT events_published FROM outbox.relay_status WHERE slot_name = %s",
+                           (slot,)).fetchone()
+        return row[0] if row else 0
+
+
+def bench_relay(settings, dsn, n: int) -> float:
+    relay = Relay(settings)
+    thread = threading.Thread(target=relay.run, daemon=True)
+    started = time.perf_counter()
+    thread.start()
+    while relay.metrics.published._value.get() < n:
+        time.sleep(0.01)
+    rate = n / (time.perf_counter() - started)
+    relay.request_stop()
+    thread.join(60)
+    assert published(dsn, settings.slot_name) == n
+    return rate
+
+
+def bench_latency(settings, dsn, rate: int, seconds: float) -> dict:
+    """Commit -> Kafka ack per event, the commit time being the server's commit timestamp."""
+    latencies: list[float] = []
+    original = Publisher.send
+
+    def timed_send(self, topic, value, key, headers):
+        future = original(self, topic, value, key, headers)
+        committed = datetime.fromisoformat(dict(headers)["outbox_commit_ts"].decode().replace("Z", "+00:00"))
+        future.add_callback(lambda _md, c=committed.timestamp(): latencies.append(time.time() - c))
+        return future
+
+    Publisher.send = timed_send
+    relay = Relay(settings)
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    try:
+        time.sleep(3)  # connected, streaming, topic created by a first event below
+        with psycopg.connect(dsn.secret(), autocommit=True) as conn:
+            conn.execute("SELECT outbox.emit('latency', 'warm', 'Warm', '{}')")
+            time.sleep(1)
+            latencies.clear()
+            interval = 1.0 / rate
+            next_at = time.perf_counter()
+            for i in range(int(rate * seconds)):
+                conn.execute("SELECT outbox.emit('latency', %s, 'Tick', jsonb_build_object('pad', repeat('x', %s)))",
+                             (str(i % 100), PAYLOAD))
+                next_at += interval
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+        time.sleep(2)
+    finally:
+        relay.request_stop()
+        thread.join(60)
+        Publisher.send = original
+    ordered = sorted(latencies)
+    pct = lambda p: ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000  # noqa: E731
+    return {"events": len(ordered), "rate_per_s": rate, "p50_ms": round(pct(0.50), 2), "p90_ms": round(pct(0.90), 2),
+            "p99_ms": round(pct(0.99), 2), "max_ms": round(ordered[-1] * 1000, 2),
+            "mean_ms": round(statistics.fmean(ordered) * 1000, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--latency-seconds", type=float, default=15)
+    args = parser.parse_args()
+    n = args.events
+
+    base = load_settings(_env_file=None, dev_kafka="apache")
+    stack = DevStack(base, root=Path(".outbox/bench"))
+    stack.down()
+    import shutil
+
+    shutil.rmtree(".outbox/bench", ignore_errors=True)
+    urls = stack.up()
+    try:
+        dsn = urls.database_url
+        migrate(dsn, log=lambda _: None)
+        bootstrap = urls.kafka_bootstrap
+        results: dict = {}
+
+        for slot in ("b_recv", "b_capture", "b_relay", "b_relay_nodeliv"):
+            create_slot(dsn, slot)
+        log(f"inserting {n} events of ~200 B ...")
+        end_lsn = insert_rows(dsn, "bench", n)
+
+        results["pg_recvlogical_events_per_s"] = round(bench_recvlogical(dsn, "b_recv", end_lsn, n))
+        log(f"pg_recvlogical: {results['pg_recvlogical_events_per_s']:,} events/s")
+        results["relay_capture_events_per_s"] = round(bench_capture(dsn, "b_capture", end_lsn, n, "bench.{aggregate_type}"))
+        log(f"relay capture (stream+decode+route): {results['relay_capture_events_per_s']:,} events/s")
+
+        def settings_for(slot: str, template: str, **extra):
+            return load_settings(_env_file=None, database_url=dsn.secret(), kafka_bootstrap=bootstrap, slot_name=slot,
+                                 topic_template=template, metrics_port=0, relay_id=f"bench-{slot}", **extra)
+
+        records = relay_records(dsn, "bench", "bare.{aggregate_type}")
+        for run, (slot, template, track) in enumerate([("b_relay", "e2e.{aggregate_type}", True),
+                                                       ("b_relay_nodeliv", "e2e2.{aggregate_type}", False)]):
+            create_topic(bootstrap, f"bare{run}.bench")
+            create_topic(bootstrap, template.format(aggregate_type="bench"))
+            s = settings_for(slot, template, track_deliveries=track)
+            bare = bench_producer(s, records, f"bare{run}.bench")
+            e2e = bench_relay(s, dsn, n)
+            key = "with_delivery_rows" if track else "without_delivery_rows"
+            results[f"bare_producer_events_per_s_{run}"] = round(bare)
+            results[f"relay_e2e_events_per_s_{key}"] = round(e2e)
+            results[f"ratio_e2e_to_bare_{key}"] = round(e2e / bare, 3)
+            log(f"bare producer {bare:,.0f}/s; relay end to end ({key.replace('_', ' ')}) {e2e:,.0f}/s "
+                f"-> {e2e / bare:.2f}x")
+        results["ratio_capture_to_pg_recvlogical"] = round(
+            results["relay_capture_events_per_s"] / results["pg_recvlogical_events_per_s"], 3)
+
+        create_slot(dsn, "b_latency")
+        results["latency_at_1k_per_s"] = bench_latency(settings_for("b_latency", "lat.{aggregate_type}"), dsn, 1000,
+                                                       args.latency_seconds)
+        log(f"latency at 1k/s: {results['latency_at_1k_per_s']}")
+
+        import kafka
+
+        doc = {
+            "benchmark": "relay",
+            "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+            "versions": {"kafka_python": kafka.__version__, "postgres": stack.postgres().version(),
+                         "kafka_broker": "4.1.1"},
+            "config": {"events": n, "payload_bytes": "~200", "compression": compression("auto"), "linger_ms":
+                       base.linger_ms, "batch_max_events": base.batch_max_events,
+                       "crc32c": _has("crc32c")},
+            "results": results,
+            "goals": {"capture_vs_pg_recvlogical": 0.9, "e2e_vs_bare_producer": 0.8},
+        }
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out = RESULTS / f"relay-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+        print(json.dumps(results, indent=2))
+        log(f"saved {out}")
+    finally:
+        stack.down()
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
