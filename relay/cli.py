@@ -70,6 +70,41 @@ def _relay(args: argparse.Namespace, settings: Settings) -> int:
     return relay.run()
 
 
+def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    from relay import dead_letters
+
+    if args.action == "list":
+        rows = dead_letters.list_dead_letters(settings.require_database_url(), args.all, args.limit)
+        if args.json:
+            print(json.dumps([vars(r) for r in rows], default=str, indent=2))
+            return EXIT_OK
+        if not rows:
+            print("no dead letters" + ("" if args.all else " waiting for a replay"))
+        for r in rows:
+            state = f"replayed {r.replayed_at:%Y-%m-%d %H:%M}" if r.replayed_at else "open"
+            print(f"#{r.id} [{state}] event {r.event_id} {r.aggregate_type}/{r.aggregate_id} {r.event_type} "
+                  f"({r.reason}, {r.dead_lettered_at:%Y-%m-%d %H:%M:%S})\n    {r.error}")
+        return EXIT_OK
+    if not args.ids and not args.all:
+        print("outbox dead-letters replay: give dead-letter ids, or --all", file=sys.stderr)
+        return EXIT_USAGE
+    replayed, failed = dead_letters.replay(settings, None if args.all else args.ids,
+                                           log=lambda line: print(line, file=sys.stderr))
+    print(f"replayed {replayed}, failed {failed}", file=sys.stderr)
+    return EXIT_OK if failed == 0 else EXIT_FAILED
+
+
+def _prune(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+
+    with psycopg.connect(settings.require_database_url().secret(), autocommit=True) as conn:
+        events, deliveries, batches = conn.execute("CALL outbox.prune(%s::interval, %s)",
+                                                   (args.older_than, args.batch_size)).fetchone()
+    print(f"pruned {events} published events, {deliveries} delivery rows, {batches} batches older than "
+          f"{args.older_than}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _not_yet(issue: str) -> Callable[[argparse.Namespace, Settings], int]:
     def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"outbox {args.command}: not implemented yet ({issue})", file=sys.stderr)
@@ -114,6 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="drop and re-create the replication slot (after it was invalidated), republishing every "
                      "outbox event not recorded as published")
     rel.set_defaults(func=_relay)
+
+    dlq = sub.add_parser("dead-letters", help="list or replay events the relay could not publish",
+                         description="Events the relay could not publish (too large, illegal topic name, not "
+                         "authorised) are kept in outbox.relay_dead_letters with the reason and the fix. After "
+                         "fixing the cause, replay republishes them with their original event_id.")
+    dlq.add_argument("action", choices=["list", "replay"])
+    dlq.add_argument("ids", nargs="*", type=int, help="dead-letter ids to replay")
+    dlq.add_argument("--all", action="store_true", help="list: include replayed ones; replay: every open one")
+    dlq.add_argument("--limit", type=int, default=100)
+    dlq.add_argument("--json", action="store_true")
+    dlq.set_defaults(func=_dead_letters)
+
+    prune = sub.add_parser("prune", help="delete published outbox events and bookkeeping older than a window",
+                           description="Retention for the outbox table: deletes events the relay has published, "
+                           "with their delivery rows and finished batches, older than --older-than, in small "
+                           "committed batches (no long locks). Unpublished events are never deleted.")
+    prune.add_argument("--older-than", default="7 days", help="a PostgreSQL interval (default: 7 days)")
+    prune.add_argument("--batch-size", type=int, default=10_000)
+    prune.set_defaults(func=_prune)
 
     for name, text, issue in [
         ("dashboard", "run the Streamlit operator dashboard", "issue #5"),

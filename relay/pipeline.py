@@ -125,7 +125,7 @@ class Pipeline:
                 time.sleep(0.001)  # backpressure: let Kafka catch up before reading more
                 continue
             timeout = 0.002 if (self.batch is not None or not self.queue.idle) else 0.2
-            for _ in range(5000):
+            for i in range(5000):
                 frame = read(timeout)
                 if frame is None:
                     self._on_idle()
@@ -134,7 +134,7 @@ class Pipeline:
                     on_message(frame.payload)
                 else:
                     self._on_keepalive(frame)
-                if self._saturated() or (self.txn is None and self.stop.is_set()):
+                if (i & 63) == 63 and (self._saturated() or (self.txn is None and self.stop.is_set())):
                     break
 
     def _saturated(self) -> bool:

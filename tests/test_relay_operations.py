@@ -310,3 +310,64 @@ def read_topic_count(bootstrap: str, topic: str) -> int:
     start = consumer.beginning_offsets(partitions)
     consumer.close()
     return sum(end[p] - start[p] for p in partitions)
+
+
+def test_dead_letters_are_listed_and_replayed_after_the_fix(db, kafka, topic_prefix):
+    import subprocess
+    import sys
+
+    from kafka import KafkaAdminClient
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    with RelayThread(relay_settings(db, kafka, topic_prefix)):
+        wait_streaming(db)
+        ids = emit(db, [("order", "9", "Huge", {"blob": "y" * 1_500_000}, {"traceparent": "00-t"}),
+                        ("bad topic!", "9", "Misnamed", {}, {})])
+        wait_for(lambda: query(db, "SELECT count(*) FROM outbox.relay_dead_letters")[0][0] == 2, 30, "dead letters")
+        read_topic(kafka, f"{topic_prefix}.order", expect=0, settle=0.5)
+
+    env = {**relay_env(db, kafka, topic_prefix), "PATH": "/usr/bin:/bin"}
+    listed = subprocess.run([sys.executable, "-m", "relay.cli", "dead-letters", "list"], env=env,
+                            capture_output=True, text=True)
+    assert listed.returncode == 0
+    assert ids[0] in listed.stdout and "oversize" in listed.stdout and "invalid_topic" in listed.stdout
+
+    # The operator raises the topic's limit, then replays with a matching client limit.
+    admin = KafkaAdminClient(bootstrap_servers=kafka)
+    admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, f"{topic_prefix}.order",
+                                        configs={"max.message.bytes": "3000000"})])
+    admin.close()
+    replay = subprocess.run([sys.executable, "-m", "relay.cli", "dead-letters", "replay", "--all"],
+                            env={**env, "OUTBOX_MAX_RECORD_BYTES": "3000000"}, capture_output=True, text=True)
+    assert replay.returncode == 1  # the misnamed one still cannot be published ...
+    assert "replayed 1, failed 1" in replay.stderr and "not a legal Kafka topic name" in replay.stderr
+    (record,) = read_topic(kafka, f"{topic_prefix}.order", expect=1)
+    headers = dict(record.headers)
+    assert headers["event_id"].decode() == ids[0] and headers["traceparent"] == b"00-t"
+    assert headers["outbox_replayed_from"].startswith(b"dead-letter:")
+    assert len(record.value) > 1_500_000
+    assert query(db, "SELECT event_id::text FROM outbox.relay_dead_letters WHERE replayed_at IS NOT NULL") == \
+        [(ids[0],)]
+
+
+def test_prune_keeps_unpublished_events(db, kafka, topic_prefix):
+    import subprocess
+    import sys
+
+    with RelayThread(relay_settings(db, kafka, topic_prefix)) as relay:
+        wait_streaming(db)
+        emit_many(db, "order", 100, per_txn=100)
+        wait_for(lambda: published(db) == 100, 30, "published")
+        wait_for(lambda: query(db, "SELECT watermark_txid > (SELECT max(txid) FROM outbox.events) "
+                                   "FROM outbox.relay_status")[0][0], 30, "the watermark to pass the events")
+        relay.stop()
+    emit_many(db, "order", 10, per_txn=10)  # committed, never published (no relay running)
+    with psycopg.connect(db.secret(), autocommit=True) as conn:
+        conn.execute("UPDATE outbox.events SET created_at = created_at - interval '30 days'")
+        conn.execute("UPDATE outbox.deliveries SET delivered_at = delivered_at - interval '30 days'")
+    env = {**relay_env(db, kafka, topic_prefix), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "relay.cli", "prune", "--older-than", "7 days",
+                             "--batch-size", "30"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "pruned 100 published events, 100 delivery rows" in result.stderr
+    assert query(db, "SELECT count(*) FROM outbox.events") == [(10,)]
