@@ -201,18 +201,44 @@ class Relay:
         s = self.s
         control.execute("UPDATE outbox.relay_status SET slot_creating = true WHERE slot_name = %s", (s.slot_name,))
         repl = psycopg.connect(self.dsn.secret(), replication="database", autocommit=True, connect_timeout=10)
+        watcher = threading.Thread(target=self._report_slot_wait, args=(repl,), daemon=True)
+        watcher.start()
         try:
             row = repl.execute(f'CREATE_REPLICATION_SLOT "{s.slot_name}" LOGICAL pgoutput EXPORT_SNAPSHOT').fetchone()
             with psycopg.connect(self.dsn.secret(), connect_timeout=10) as tx:
                 tx.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
                 tx.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(row[2])))
                 snapshot = tx.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+        except psycopg.errors.QueryCanceled:
+            raise Transient("slot creation cancelled by a stop request") from None
         finally:
             repl.close()
+            watcher.join()
         control.execute("UPDATE outbox.relay_status SET slot_creating = false, backfill_snapshot = %s::pg_snapshot "
                         "WHERE slot_name = %s", (snapshot, s.slot_name))
         log.info("created replication slot %s at %s", s.slot_name, row[1])
         return snapshot
+
+    def _report_slot_wait(self, repl: psycopg.Connection) -> None:
+        """A new slot is consistent only once every transaction open at its creation has ended:
+        say which ones we wait for, and give up on a stop request."""
+        waited = 0.0
+        while not repl.closed:
+            if self.stop.wait(0.5):
+                repl.cancel_safe()
+                return
+            waited += 0.5
+            if waited % 10 == 0:
+                try:
+                    with psycopg.connect(self.dsn.secret(), autocommit=True, connect_timeout=5) as conn:
+                        rows = conn.execute(
+                            "SELECT pid, coalesce(application_name, ''), now() - xact_start, left(query, 80) "
+                            "FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() "
+                            "ORDER BY xact_start LIMIT 5").fetchall()
+                except psycopg.Error:
+                    rows = []
+                log.warning("creating slot %s waits for %d open transaction(s) to end: %s", self.s.slot_name,
+                            len(rows), "; ".join(f"pid {p} {a!r} open {age} ({q})" for p, a, age, q in rows))
 
     def _backfill(self, control: psycopg.Connection, pipeline: Pipeline, snapshot: str, position: int,
                   checkpoint: Checkpoint | None) -> None:

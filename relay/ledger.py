@@ -140,10 +140,12 @@ class Ledger:
             with conn.cursor() as cur:
                 for o, published in zip(outcomes, counts):
                     b = o.batch
+                    xids = [x.decode() for x in b.xids]
                     cur.execute(
                         "UPDATE outbox.relay_batches SET status = %s, events = %s, dead_lettered = %s, "
-                        "xids = %s::text[]::xid8[], ack_lsn = %s, finished_at = now() WHERE batch_id = %s",
-                        (o.status, published, len(b.dead), [x.decode() for x in b.xids],
+                        "xids = %s::text[]::xid8[], max_xid = (SELECT max(x) FROM unnest(%s::text[]::xid8[]) x), "
+                        "ack_lsn = %s, finished_at = now() WHERE batch_id = %s",
+                        (o.status, published, len(b.dead), xids, xids,
                          lsn_to_str(b.ack_lsn) if b.ack_lsn is not None else None, b.batch_id))
                     if b.dead:
                         self._dead_letters(cur, b.batch_id, b.dead)

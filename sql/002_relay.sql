@@ -55,6 +55,7 @@ CREATE TABLE outbox.relay_batches (
     events        integer NOT NULL DEFAULT 0,
     dead_lettered integer NOT NULL DEFAULT 0,
     xids          xid8[],  -- producing transactions whose last event is in this batch
+    max_xid       xid8,    -- greatest of xids: the in-flight view reads only batches at or above the watermark
     started_at    timestamptz NOT NULL DEFAULT now(),
     finished_at   timestamptz,
     resolution    text
@@ -62,6 +63,7 @@ CREATE TABLE outbox.relay_batches (
 CREATE INDEX relay_batches_open ON outbox.relay_batches (slot_name, status)
     WHERE status IN ('in_flight', 'unknown');
 CREATE INDEX relay_batches_finished ON outbox.relay_batches (slot_name, finished_at);
+CREATE INDEX relay_batches_max_xid ON outbox.relay_batches (max_xid) WHERE max_xid IS NOT NULL;
 
 -- Where each event landed in Kafka (OUTBOX_TRACK_DELIVERIES). Append-only: an event delivered
 -- twice (at-least-once after a crash) has two rows, which is exactly what the trace should show.
@@ -104,6 +106,27 @@ CREATE INDEX relay_dead_letters_open ON outbox.relay_dead_letters (dead_lettered
 -- The in-flight view scans events from the watermark on.
 CREATE INDEX events_txid ON outbox.events (txid);
 CREATE INDEX events_aggregate ON outbox.events (aggregate_type, aggregate_id);
+
+-- Exactly the committed events not yet acknowledged by Kafka (and recorded), as of the query's
+-- snapshot. Below the watermark everything is published; at and above it, an event is done when
+-- its transaction is in an acknowledged batch or it was dead-lettered. Events of a transaction
+-- split across batches count as in flight until the whole transaction is acknowledged.
+CREATE VIEW outbox.in_flight AS
+WITH mark AS (
+    SELECT coalesce(min(watermark_txid), '0'::xid8) AS txid FROM outbox.relay_status
+), acked AS (
+    SELECT x.txid
+      FROM mark, outbox.relay_batches b CROSS JOIN LATERAL unnest(b.xids) AS x(txid)
+     WHERE b.max_xid >= mark.txid AND b.status IN ('acked', 'committed')
+)
+SELECT e.event_id, e.aggregate_type, e.aggregate_id, e.event_type, e.created_at, now() - e.created_at AS age, e.txid
+  FROM mark, outbox.events e
+ WHERE e.txid >= mark.txid
+   AND NOT EXISTS (SELECT 1 FROM acked WHERE acked.txid = e.txid)
+   AND NOT EXISTS (SELECT 1 FROM outbox.relay_dead_letters d WHERE d.event_id = e.event_id);
+
+COMMENT ON VIEW outbox.in_flight IS
+    'Committed outbox events the relay has not yet published (Kafka-acknowledged and recorded), exact as of the query snapshot.';
 
 -- Retention: delete published events (with their delivery rows and finished batches) older than
 -- `keep`, committing every batch_size rows so no transaction holds locks for long:

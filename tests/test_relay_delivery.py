@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 import uuid
 
 import psycopg
@@ -168,3 +169,42 @@ def test_unique_event_ids_survive_as_uuid(db, kafka, topic_prefix):
         ids = emit(db, [("order", "1", "A", {}, {})])
         (record,) = read_topic(kafka, f"{topic_prefix}.order", expect=1)
     assert uuid.UUID(headers_of(record)["event_id"].decode()) == uuid.UUID(ids[0])
+
+
+def in_flight(db) -> set[str]:
+    return {r[0] for r in query(db, "SELECT event_id::text FROM outbox.in_flight")}
+
+
+def test_in_flight_view_is_exact(db, kafka, topic_prefix):
+    """Never an acknowledged event in the view, never a pending one missing, at any instant."""
+    pending = set(emit(db, [("order", str(i), "BeforeRelay", {}, {}) for i in range(30)]))
+    assert in_flight(db) == pending  # nothing published yet: all of them, no more
+
+    blocker = psycopg.connect(db.secret())
+    try:
+        with RelayThread(relay_settings(db, kafka, topic_prefix)) as relay:
+            wait_streaming(db)  # creating a slot waits for open transactions, so open one after
+            blocker.execute("SELECT pg_current_xact_id()")  # an old open transaction holds the watermark back
+            loader = threading.Thread(target=emit_many, args=(db, "order", 3000), kwargs={"per_txn": 25})
+            loader.start()
+            checks = 0
+            while loader.is_alive() or checks < 3:
+                with psycopg.connect(db.secret()) as conn:
+                    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+                    with conn.transaction():  # one snapshot for all three sets
+                        flying = {r[0] for r in conn.execute("SELECT event_id::text FROM outbox.in_flight")}
+                        delivered = {r[0] for r in conn.execute("SELECT event_id::text FROM outbox.deliveries")}
+                        every = {r[0] for r in conn.execute("SELECT event_id::text FROM outbox.events")}
+                assert not flying & delivered
+                assert flying | delivered == every
+                checks += 1
+                time.sleep(0.05)
+            loader.join()
+            wait_for(lambda: not in_flight(db), 60, "nothing in flight")
+            assert published(db) == 3030
+            relay.stop()
+        later = set(emit(db, [("order", "x", "AfterStop", {}, {}) for _ in range(5)]))
+        assert in_flight(db) == later  # acknowledged events do not come back, new ones show at once
+    finally:
+        blocker.close()
+    print(f"{checks} consistent snapshots")
