@@ -38,20 +38,26 @@ from relay.redact import Dsn, redact
 log = logging.getLogger("inbox")
 
 DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
+KAFKA_COMMIT_INTERVAL_S = 1.0
+SAME_AS_CONSUMER = object()  # group_id default: the consumer name
 
 
 class Runner:
     def __init__(self, consumer: str, handler: Handler, *, dsn: Dsn | str, bootstrap: str | Sequence[str],
                  topics: Sequence[str] = (), pattern: str | None = None,
-                 partitions: Sequence[tuple[str, int]] | None = None, group_id: str | None = None,
+                 partitions: Sequence[tuple[str, int]] | None = None, group_id: str | None | object = SAME_AS_CONSUMER,
                  policy: RetryPolicy = DEFAULT_POLICY, max_poll_records: int = 500, poll_timeout_s: float = 1.0,
                  replay_check_s: float = 5.0, kafka_config: Mapping | None = None):
         """consumer    the inbox's name for this logical consumer (also the Kafka group by default)
         topics / pattern / partitions   what to read: a subscription (group-managed) or fixed partitions
+        group_id    Kafka consumer group; defaults to the consumer name. None (fixed partitions only):
+                    no group at all, positions come from PostgreSQL alone
         kafka_config    extra KafkaConsumer settings, e.g. group_instance_id for static membership"""
         check_consumer_name(consumer)
         if sum(bool(x) for x in (topics, pattern, partitions)) != 1:
             raise InboxError("give exactly one of topics=[...], pattern='...' or partitions=[(topic, partition)]")
+        if group_id is None and not partitions:
+            raise InboxError("a subscription needs a consumer group; group_id=None works only with partitions=[...]")
         self.consumer, self.handler, self.policy = consumer, handler, policy
         self.dsn = dsn if isinstance(dsn, Dsn) else Dsn(dsn)
         self.topics, self.pattern = list(topics), pattern
@@ -63,7 +69,7 @@ class Runner:
             raise InboxError("enable_auto_commit must stay off: the inbox commits offsets in PostgreSQL itself")
         self.kafka_config = {
             "bootstrap_servers": bootstrap,
-            "group_id": consumer if group_id is None else group_id,
+            "group_id": consumer if group_id is SAME_AS_CONSUMER else group_id,
             "client_id": f"inbox-{consumer}",
             "auto_offset_reset": "earliest",
             "max_poll_records": max_poll_records,
@@ -84,6 +90,7 @@ class Runner:
         self._rewound: set[tuple[str, int]] = set()
         self._listener_error: BaseException | None = None
         self._last_replay_check = 0.0
+        self._last_kafka_commit = 0.0
 
     @classmethod
     def from_settings(cls, settings, consumer: str, handler: Handler, **kwargs) -> "Runner":
@@ -171,6 +178,12 @@ class Runner:
     def _commit_to_kafka(self, kc: KafkaConsumer, wait: bool = False) -> None:
         if not self._to_commit or self.kafka_config["group_id"] is None:
             return
+        # A copy for lag tools only, so once a second is plenty: a commit per batch cost the
+        # kafka-python IO thread ~10% of the consumer's throughput.
+        now = time.monotonic()
+        if not wait and now - self._last_kafka_commit < KAFKA_COMMIT_INTERVAL_S:
+            return
+        self._last_kafka_commit = now
         assigned = kc.assignment()
         offsets = {tp: OffsetAndMetadata(n, "", -1) for tp, n in self._to_commit.items() if tp in assigned}
         self._to_commit.clear()

@@ -42,6 +42,8 @@ class Plan:
 
     def tallies(self, records: Sequence[Record], new: Sequence[int]) -> dict[Partition, tuple[int, int, int]]:
         """(processed, duplicates, dead_lettered) per partition: every record is exactly one of them."""
+        if len(new) == len(records):  # the common case: every record was new
+            return {tp: (n, 0, 0) for tp, n in self.records_per_partition.items()}
         processed: dict[Partition, int] = {}
         for i in new:
             r = records[i]
@@ -60,28 +62,40 @@ class Plan:
 
 
 def plan_batch(records: Sequence[Record]) -> Plan:
-    """Classify records in order. Runs once per record on the hot path, hence the plain loop."""
+    """Classify records in order. Runs once per record on the hot path: poll() returns records in
+    runs per partition, so partition bookkeeping happens once per run, not per record."""
     event_ids: list[uuid.UUID | None] = []
     plan = Plan(event_ids)
     seen: set[uuid.UUID] = set()
-    append_id, append_first = event_ids.append, plan.first.append
-    next_offsets, counts, repeats = plan.next_offsets, plan.records_per_partition, plan.repeats
+    append_id, append_first, add_seen = event_ids.append, plan.first.append, seen.add
+    repeats, invalid = plan.repeats, plan.invalid
+    run_topic = run_partition = None
+    run_length = 0
     for i, r in enumerate(records):
-        tp = (r.topic, r.partition)
-        counts[tp] = counts.get(tp, 0) + 1
-        end = r.offset + 1
-        if end > next_offsets.get(tp, -1):
-            next_offsets[tp] = end
+        if r.partition != run_partition or r.topic != run_topic:
+            if run_length:
+                _close_run(plan, run_topic, run_partition, run_length, records[i - 1].offset)
+            run_topic, run_partition, run_length = r.topic, r.partition, 0
+        run_length += 1
         try:
             event_id = event_id_of(r.headers)
         except EnvelopeError as exc:
             append_id(None)
-            plan.invalid[i] = str(exc)
+            invalid[i] = str(exc)
             continue
         append_id(event_id)
         if event_id in seen:
             repeats[event_id] = repeats.get(event_id, 0) + 1
         else:
-            seen.add(event_id)
+            add_seen(event_id)
             append_first(i)
+    if run_length:
+        _close_run(plan, run_topic, run_partition, run_length, records[-1].offset)
     return plan
+
+
+def _close_run(plan: Plan, topic: str, partition: int, length: int, last_offset: int) -> None:
+    tp = (topic, partition)
+    plan.records_per_partition[tp] = plan.records_per_partition.get(tp, 0) + length
+    if last_offset + 1 > plan.next_offsets.get(tp, -1):
+        plan.next_offsets[tp] = last_offset + 1

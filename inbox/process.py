@@ -92,7 +92,9 @@ class _Batch:
         failing: dict[int, tuple[int, Exception, datetime]] = {}  # index -> (attempts made, last error, first failure)
         pos = 0
         while pos < n:
-            if self.retrying and self.interrupt.is_set():
+            # Interrupted once retries began: still commit the records just seen succeeding before a
+            # failing one, then stop; the rest is redelivered from the stored offsets.
+            if self.retrying and self.interrupt.is_set() and (pos in failing or not failing):
                 self._leave(records[pos:])
                 break
             if pos in failing:

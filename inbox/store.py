@@ -17,9 +17,17 @@ from inbox.plan import Partition
 # ON CONFLICT DO NOTHING waits for a concurrent transaction inserting the same (event, consumer)
 # (a zombie instance after a rebalance) and then skips the row: the second one is a duplicate.
 # RETURNING is only fetched when some rows were skipped, which is rare.
+#
+# The batch travels as three scalars, not as per-record Python lists: psycopg dumps lists element
+# by element in Python (~4 us a record, a third of kafka-python's own cost per record), whereas one
+# bytes object of packed 16-byte ids plus two comma-joined strings cost ~0.5 us. `parts` indexes
+# the small topics/partitions arrays (1-based), so multi-topic batches work too.
 _INSERT_NEW = """
 INSERT INTO outbox.inbox_messages (event_id, consumer, topic, kafka_partition, kafka_offset)
-SELECT e, %s, t, p, o FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::bigint[]) AS u(e, t, p, o)
+SELECT encode(substring(%(ids)s::bytea FROM 16 * (u.n - 1)::int + 1 FOR 16), 'hex')::uuid, %(consumer)s,
+       (%(topics)s::text[])[u.k], (%(partitions)s::int[])[u.k], u.o
+  FROM unnest(string_to_array(%(offsets)s, ',')::bigint[], string_to_array(%(parts)s, ',')::int[])
+       WITH ORDINALITY AS u(o, k, n)
 ON CONFLICT DO NOTHING
 RETURNING topic, kafka_partition, kafka_offset
 """
@@ -55,14 +63,20 @@ def insert_new(conn: psycopg.Connection, consumer: str, records: Sequence[Record
     """Record the candidate records in the inbox; returns the indices that were new to it."""
     if not candidates:
         return []
-    ids, topics, parts, offsets = [], [], [], []
+    index: dict[tuple[str, int], str] = {}
+    ids, offsets, parts = [], [], []
     for i in candidates:
         r = records[i]
-        ids.append(event_ids[i])
-        topics.append(r.topic)
-        parts.append(r.partition)
+        tp = (r.topic, r.partition)
+        k = index.get(tp)
+        if k is None:
+            k = index[tp] = str(len(index) + 1)
+        ids.append(event_ids[i].bytes)
         offsets.append(r.offset)
-    cur = conn.execute(_INSERT_NEW, (consumer, ids, topics, parts, offsets), binary=True)
+        parts.append(k)
+    cur = conn.execute(_INSERT_NEW, {
+        "ids": b"".join(ids), "consumer": consumer, "offsets": ",".join(map(str, offsets)),
+        "parts": ",".join(parts), "topics": [t for t, _ in index], "partitions": [p for _, p in index]})
     if cur.rowcount == len(candidates):
         return list(candidates)
     inserted = set(cur.fetchall())

@@ -170,7 +170,7 @@ COMMENT ON COLUMN outbox.effects.evidence IS
 COMMENT ON COLUMN outbox.effects.event_id IS 'The inbox event whose handler ran the effect, when it ran inside one (trace).';
 
 -- Dashboard "unknown outcome" view and at-risk leases; unresolved rows are few.
-CREATE INDEX effects_unresolved ON outbox.effects (created_at) WHERE status IN ('in_progress', 'unknown');
+CREATE INDEX effects_open ON outbox.effects (created_at) WHERE status IN ('in_progress', 'unknown');
 CREATE INDEX effects_event ON outbox.effects (event_id) WHERE event_id IS NOT NULL;
 -- Retention of settled keys.
 CREATE INDEX effects_completed ON outbox.effects (completed_at) WHERE status IN ('succeeded', 'failed');
