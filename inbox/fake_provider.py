@@ -10,6 +10,7 @@ reconcile hook asks).
 It can be told to misbehave for the next requests (in process: `provider.script(...)`; over HTTP:
 `POST /_control/script {"behaviours": [...]}`):
     ok        charge, 201
+    slow      hold the request `hang_s` seconds, then charge, 201 (meanwhile the key is in use: 409)
     decline   402 card_declined, stored under the key (a definite failure; nothing charged)
     error     500, nothing charged, key not stored (an indeterminate error that did no harm)
     timeout   hold the request `hang_s` seconds, then close without answering; nothing charged
@@ -38,7 +39,7 @@ from typing import Any
 from inbox.effects import Reconciled
 from inbox.errors import DefiniteFailure
 
-BEHAVIOURS = ("ok", "decline", "error", "timeout", "drop")
+BEHAVIOURS = ("ok", "slow", "decline", "error", "timeout", "drop")
 
 
 @dataclass
@@ -65,7 +66,8 @@ class FakeProvider:
         return f"http://{host}:{port}"
 
     def start(self) -> "FakeProvider":
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-provider", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="fake-provider", daemon=True)
         self._thread.start()
         return self
 
@@ -168,6 +170,8 @@ def _make_handler(provider: FakeProvider):
                     return self._send(500, {"error": "internal_error"})
                 state.closing.wait(provider.hang_s)
                 return self._drop()
+            if behaviour == "slow":
+                state.closing.wait(provider.hang_s)
             if behaviour == "decline":
                 status, response = 402, {"error": "card_declined", "idempotency_key": key}
             else:
