@@ -72,6 +72,9 @@ class Runner:
             "group_id": consumer if group_id is SAME_AS_CONSUMER else group_id,
             "client_id": f"inbox-{consumer}",
             "auto_offset_reset": "earliest",
+            # The relay's exactly-once mode writes in Kafka transactions: never hand the handler a
+            # record from an aborted one (harmless for topics written without transactions).
+            "isolation_level": "read_committed",
             "max_poll_records": max_poll_records,
             **config,
             "enable_auto_commit": False,

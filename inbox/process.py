@@ -122,7 +122,7 @@ class _Batch:
         plan = plan_batch(chunk)
         failure = None
         with conn.transaction():
-            new = store.insert_new(conn, consumer, chunk, plan.event_ids, plan.first)
+            new = store.record_batch(conn, consumer, chunk, plan)
             store.count_duplicates(conn, consumer, plan.suppressed(new))
             for i, reason in plan.invalid.items():
                 store.insert_dead_letter(conn, consumer, chunk[i], reason="invalid_envelope", error=reason,
@@ -138,11 +138,9 @@ class _Batch:
                         raise
                     failure = _Failure(i, exc)
                     raise psycopg.Rollback() from None
-            tallies = plan.tallies(chunk, new)
-            store.advance(conn, consumer, plan.next_offsets, tallies)
         if failure is not None:
             return failure
-        self._committed(plan.next_offsets, tallies)
+        self._committed(plan.next_offsets, plan.tallies(chunk, new))
         return None
 
     def _retry_alone(self, record: Record, attempts: int, error: Exception, first_failed: datetime) -> bool:

@@ -12,24 +12,49 @@ from psycopg.types.json import Jsonb
 
 from inbox import codec
 from inbox.message import Record
-from inbox.plan import Partition
+from inbox.plan import Partition, Plan
 
+# One statement, one round trip per batch: insert the inbox rows, move the offsets and add the
+# per-minute counts. It runs before the handlers, which is fine: all of it commits or rolls back
+# with them. (The handler-failure path still needs the rows first, to know what is new.)
+#
 # ON CONFLICT DO NOTHING waits for a concurrent transaction inserting the same (event, consumer)
 # (a zombie instance after a rebalance) and then skips the row: the second one is a duplicate.
-# RETURNING is only fetched when some rows were skipped, which is rare.
+# Offsets only move forward (greatest), so a zombie cannot rewind the new owner either.
 #
-# The batch travels as three scalars, not as per-record Python lists: psycopg dumps lists element
-# by element in Python (~4 us a record, a third of kafka-python's own cost per record), whereas one
+# The batch travels as scalars, not as per-record Python lists: psycopg dumps lists element by
+# element in Python (~4 us a record, a third of kafka-python's own cost per record), whereas one
 # bytes object of packed 16-byte ids plus two comma-joined strings cost ~0.5 us. `parts` indexes
-# the small topics/partitions arrays (1-based), so multi-topic batches work too.
-_INSERT_NEW = """
-INSERT INTO outbox.inbox_messages (event_id, consumer, topic, kafka_partition, kafka_offset)
-SELECT encode(substring(%(ids)s::bytea FROM 16 * (u.n - 1)::int + 1 FOR 16), 'hex')::uuid, %(consumer)s,
-       (%(topics)s::text[])[u.k], (%(partitions)s::int[])[u.k], u.o
-  FROM unnest(string_to_array(%(offsets)s, ',')::bigint[], string_to_array(%(parts)s, ',')::int[])
-       WITH ORDINALITY AS u(o, k, n)
-ON CONFLICT DO NOTHING
-RETURNING topic, kafka_partition, kafka_offset
+# the per-partition arrays (1-based), so multi-topic batches work too. The inserted rows are
+# returned but only fetched when some were skipped, which is rare.
+_RECORD_BATCH = """
+WITH ins AS (
+    INSERT INTO outbox.inbox_messages (event_id, consumer, topic, kafka_partition, kafka_offset)
+    SELECT encode(substring(%(ids)s::bytea FROM 16 * (u.n - 1)::int + 1 FOR 16), 'hex')::uuid, %(consumer)s,
+           (%(topics)s::text[])[u.k], (%(partitions)s::int[])[u.k], u.o
+      FROM unnest(string_to_array(%(offsets)s, ',')::bigint[], string_to_array(%(parts)s, ',')::int[])
+           WITH ORDINALITY AS u(o, k, n)
+    ON CONFLICT DO NOTHING
+    RETURNING topic, kafka_partition, kafka_offset
+), batch AS (
+    SELECT * FROM unnest(%(topics)s::text[], %(partitions)s::int[], %(nexts)s::bigint[], %(totals)s::bigint[],
+                         %(invalid)s::bigint[]) AS b(topic, kafka_partition, next_offset, total, invalid)
+), advanced AS (
+    INSERT INTO outbox.inbox_offsets AS o (consumer, topic, kafka_partition, next_offset)
+    SELECT %(consumer)s, topic, kafka_partition, next_offset FROM batch
+    ON CONFLICT (consumer, topic, kafka_partition)
+    DO UPDATE SET next_offset = greatest(o.next_offset, excluded.next_offset), updated_at = now()
+), counted AS (
+    INSERT INTO outbox.inbox_stats AS s (minute, consumer, topic, kafka_partition, processed, duplicates, dead_lettered)
+    SELECT date_trunc('minute', now()), %(consumer)s, b.topic, b.kafka_partition, coalesce(n.new, 0),
+           b.total - coalesce(n.new, 0) - b.invalid, b.invalid
+      FROM batch b LEFT JOIN (SELECT topic, kafka_partition, count(*) AS new FROM ins GROUP BY 1, 2) n
+           USING (topic, kafka_partition)
+    ON CONFLICT (minute, consumer, topic, kafka_partition)
+    DO UPDATE SET processed = s.processed + excluded.processed, duplicates = s.duplicates + excluded.duplicates,
+                  dead_lettered = s.dead_lettered + excluded.dead_lettered
+)
+SELECT topic, kafka_partition, kafka_offset FROM ins
 """
 
 _COUNT_DUPLICATES = """
@@ -39,8 +64,7 @@ UPDATE outbox.inbox_messages AS m
  WHERE m.event_id = u.e AND m.consumer = %s
 """
 
-# Offsets only move forward: a zombie instance that lost its partitions cannot rewind the new
-# owner. Both upserts in one statement to save a round trip per batch.
+# Offsets and counts of a single record that is dead-lettered (see _RECORD_BATCH for why greatest).
 _ADVANCE = """
 WITH advanced AS (
     INSERT INTO outbox.inbox_offsets AS o (consumer, topic, kafka_partition, next_offset)
@@ -58,25 +82,28 @@ DO UPDATE SET processed = s.processed + excluded.processed, duplicates = s.dupli
 """
 
 
-def insert_new(conn: psycopg.Connection, consumer: str, records: Sequence[Record],
-               event_ids: Sequence[uuid.UUID | None], candidates: Sequence[int]) -> list[int]:
-    """Record the candidate records in the inbox; returns the indices that were new to it."""
-    if not candidates:
-        return []
-    index: dict[tuple[str, int], str] = {}
+def record_batch(conn: psycopg.Connection, consumer: str, records: Sequence[Record], plan: Plan) -> list[int]:
+    """Insert the batch's inbox rows, store its offsets and counts; returns the indices of the
+    records that were new to the inbox (the ones to hand to the handler)."""
+    tps = list(plan.records_per_partition)
+    index = {tp: str(k) for k, tp in enumerate(tps, 1)}
+    invalid: dict[Partition, int] = {}
+    for i in plan.invalid:
+        tp = (records[i].topic, records[i].partition)
+        invalid[tp] = invalid.get(tp, 0) + 1
     ids, offsets, parts = [], [], []
-    for i in candidates:
+    event_ids = plan.event_ids
+    for i in plan.first:
         r = records[i]
-        tp = (r.topic, r.partition)
-        k = index.get(tp)
-        if k is None:
-            k = index[tp] = str(len(index) + 1)
         ids.append(event_ids[i].bytes)
         offsets.append(r.offset)
-        parts.append(k)
-    cur = conn.execute(_INSERT_NEW, {
-        "ids": b"".join(ids), "consumer": consumer, "offsets": ",".join(map(str, offsets)),
-        "parts": ",".join(parts), "topics": [t for t, _ in index], "partitions": [p for _, p in index]})
+        parts.append(index[(r.topic, r.partition)])
+    cur = conn.execute(_RECORD_BATCH, {
+        "ids": b"".join(ids), "consumer": consumer, "offsets": ",".join(map(str, offsets)), "parts": ",".join(parts),
+        "topics": [t for t, _ in tps], "partitions": [p for _, p in tps],
+        "nexts": [plan.next_offsets[tp] for tp in tps], "totals": [plan.records_per_partition[tp] for tp in tps],
+        "invalid": [invalid.get(tp, 0) for tp in tps]})
+    candidates = plan.first
     if cur.rowcount == len(candidates):
         return list(candidates)
     inserted = set(cur.fetchall())

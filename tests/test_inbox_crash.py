@@ -84,7 +84,7 @@ def test_kill_9_at_random_points_never_applies_an_event_twice_or_skips_one(db, k
     assert sum(ends.values()) == EVENTS + REDELIVERIES
 
     kills = 0
-    for round_no in range(6):
+    for round_no in range(8):
         if progress(db) == EVENTS:
             break
         before = progress(db)
@@ -100,6 +100,7 @@ def test_kill_9_at_random_points_never_applies_an_event_twice_or_skips_one(db, k
         assert worker.proc.returncode == -signal.SIGKILL, worker.log()
         kills += 1
         assert_consistent(db)
+        print(f"round {round_no}: killed at {progress(db)} of {EVENTS} applied")
 
     # Graceful stop mid-load: the batch in flight commits, the process exits 0.
     worker = Worker(db, kafka, topic)
