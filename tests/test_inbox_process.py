@@ -279,3 +279,18 @@ def test_process_refuses_a_connection_with_an_open_transaction(db):
     with psycopg.connect(db.secret(), autocommit=True) as c:
         with pytest.raises(InboxError, match="consumer name"):
             process(c, "", [], apply_deposit)
+
+
+def test_a_handler_cannot_commit_the_inbox_transaction(conn):
+    """psycopg refuses commit() inside the inbox's transaction block, so a handler that tries is
+    a failing handler: nothing half-committed, and the record ends up dead-lettered."""
+    eid = uuid.uuid4()
+
+    def committing(c, msg):
+        apply_deposit(c, msg)
+        c.commit()
+
+    result = process(conn, "c", records([(eid, "acc-1", 1)]), committing, policy=FAST)
+    assert (result.processed, result.dead_lettered) == (0, 1)
+    assert applied(conn) == {}
+    assert "Explicit commit() forbidden" in conn.execute("SELECT error FROM outbox.inbox_dead_letters").fetchone()[0]
