@@ -95,7 +95,8 @@ def _dead_letters(args, settings) -> int:
     for row in rows:
         where = f"{row['topic']}[{row['kafka_partition']}]@{row['kafka_offset']}"
         print(f"#{row['id']} {row['status']:16} {row['consumer']} {where} event {row['event_id'] or '-'} "
-              f"({row['event_type'] or '?'}), {row['reason']}, {row['attempts']} attempts, {row['created_at']:%Y-%m-%d %H:%M:%S}")
+              f"({row['event_type'] or '?'}), {row['reason']}, {row['attempts']} attempts, "
+              f"{row['created_at']:%Y-%m-%d %H:%M:%S}")
         print(f"    error: {row['error']}")
         if row["event_id"] and row["status"] == "dead":
             print(f"    replay: {replay.replay_command(row['consumer'], row['id'])}")

@@ -283,7 +283,8 @@ class Effects:
     def _note(self, key, what: str, detail: str) -> None:
         with self._lock:
             self._connection().execute(
-                f"UPDATE outbox.effects SET last_error = %(detail)s, updated_at = now(), {_EVIDENCE} WHERE key = %(key)s",
+                f"UPDATE outbox.effects SET last_error = %(detail)s, updated_at = now(), {_EVIDENCE} "
+                f"WHERE key = %(key)s",
                 {"key": key, "owner": self.owner, "what": what, "detail": detail})
 
     def _reattempt_approved(self, key) -> bool:

@@ -81,8 +81,9 @@ def _replay_one(conn, consumer, handler, after_id) -> tuple[int, str | None] | N
                      "updated_at = now(), replay_attempts = replay_attempts + 1 WHERE id = %s", (dl_id,))
         conn.execute(
             "INSERT INTO outbox.inbox_stats AS s (minute, consumer, topic, kafka_partition, processed) "
-            "VALUES (date_trunc('minute', now()), %s, %s, %s, 1) ON CONFLICT (minute, consumer, topic, kafka_partition) "
-            "DO UPDATE SET processed = s.processed + 1", (consumer, topic, part))
+            "VALUES (date_trunc('minute', now()), %s, %s, %s, 1) "
+            "ON CONFLICT (minute, consumer, topic, kafka_partition) DO UPDATE SET processed = s.processed + 1",
+            (consumer, topic, part))
     if failure is None:
         log.info("replayed dead letter %d (event %s) for consumer %s", dl_id, event_id, consumer)
         return dl_id, None

@@ -36,7 +36,8 @@ _BATCHES = {
             SELECT minute, consumer, topic, kafka_partition FROM outbox.inbox_stats
              WHERE minute < %(cutoff)s ORDER BY minute LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
         DELETE FROM outbox.inbox_stats s USING victims v
-         WHERE (s.minute, s.consumer, s.topic, s.kafka_partition) = (v.minute, v.consumer, v.topic, v.kafka_partition)""",
+         WHERE (s.minute, s.consumer, s.topic, s.kafka_partition)
+             = (v.minute, v.consumer, v.topic, v.kafka_partition)""",
     "inbox_dead_letters": """
         WITH victims AS (
             SELECT id FROM outbox.inbox_dead_letters

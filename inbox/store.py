@@ -68,7 +68,8 @@ UPDATE outbox.inbox_messages AS m
 _ADVANCE = """
 WITH advanced AS (
     INSERT INTO outbox.inbox_offsets AS o (consumer, topic, kafka_partition, next_offset)
-    SELECT %(consumer)s, t, p, n FROM unnest(%(topics)s::text[], %(partitions)s::int[], %(nexts)s::bigint[]) AS u(t, p, n)
+    SELECT %(consumer)s, t, p, n
+      FROM unnest(%(topics)s::text[], %(partitions)s::int[], %(nexts)s::bigint[]) AS u(t, p, n)
     ON CONFLICT (consumer, topic, kafka_partition)
     DO UPDATE SET next_offset = greatest(o.next_offset, excluded.next_offset), updated_at = now()
 )

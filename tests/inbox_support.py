@@ -49,7 +49,8 @@ def deposit(account: str, amount: int) -> bytes:
 def apply_deposit(conn: psycopg.Connection, msg) -> None:
     """The business handler used throughout: a non-idempotent increment plus a ledger row."""
     body = msg.json()
-    cur = conn.execute("UPDATE balances SET balance = balance + %s WHERE account = %s", (body["amount"], body["account"]))
+    cur = conn.execute("UPDATE balances SET balance = balance + %s WHERE account = %s",
+                       (body["amount"], body["account"]))
     if cur.rowcount == 0:
         conn.execute("INSERT INTO balances (account, balance) VALUES (%s, %s)", (body["account"], body["amount"]))
     conn.execute("INSERT INTO applied (event_id, account, amount, attempt) VALUES (%s, %s, %s, %s)",

@@ -93,7 +93,7 @@ def test_kill_9_at_random_points_never_applies_an_event_twice_or_skips_one(db, k
             worker.proc.wait(60)
         else:  # die wherever the process happens to be (polling, committing, copying offsets...)
             worker = Worker(db, kafka, topic)
-            wait_until(lambda: progress(db) > before, 60, "the worker to make progress")
+            wait_until(lambda before=before: progress(db) > before, 60, "the worker to make progress")
             time.sleep(rng.uniform(0, 0.5))
             worker.proc.send_signal(signal.SIGKILL)
             worker.proc.wait(30)

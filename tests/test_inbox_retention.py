@@ -54,13 +54,14 @@ def test_purge_removes_only_rows_past_the_window(conn, db, monkeypatch, capsys):
                  "(date_trunc('minute', now() - interval '8 days'), 'c', 'orders', 0, 5), "
                  "(date_trunc('minute', now() - interval '1 hour'), 'c', 'orders', 0, 7)")
     for status, days in [("replayed", 8), ("discarded", 9), ("replayed", 1), ("dead", 30)]:
-        conn.execute("INSERT INTO outbox.inbox_dead_letters (consumer, status, reason, error, attempts, event_id, topic, "
-                     "kafka_partition, kafka_offset, headers, first_failed_at, updated_at) VALUES ('c', %s, "
+        conn.execute("INSERT INTO outbox.inbox_dead_letters (consumer, status, reason, error, attempts, event_id, "
+                     "topic, kafka_partition, kafka_offset, headers, first_failed_at, updated_at) VALUES ('c', %s, "
                      "'handler_failed', 'x', 3, %s, 'orders', 0, 1, '[]', now(), now() - make_interval(days => %s))",
                      (status, uuid.uuid4(), days))
     for key, status, days in [("old", "succeeded", 40), ("recent", "succeeded", 1), ("lost", "unknown", 100)]:
         conn.execute("INSERT INTO outbox.effects (key, fingerprint, request, status, completed_at, created_at) "
-                     "VALUES (%s, 'fp', '{}', %s, CASE WHEN %s = 'succeeded' THEN now() - make_interval(days => %s) END, "
+                     "VALUES (%s, 'fp', '{}', %s, "
+                     "CASE WHEN %s = 'succeeded' THEN now() - make_interval(days => %s) END, "
                      "now() - make_interval(days => %s))", (key, status, status, days, days))
 
     monkeypatch.setenv("OUTBOX_DATABASE_URL", db.secret())
@@ -100,8 +101,8 @@ def test_purge_keeps_effects_that_are_not_settled(conn, db):
     with Effects(db) as effects:
         effects.run("k-ok", {"a": 1}, lambda key: {"ok": True})
     conn.execute("INSERT INTO outbox.effects (key, fingerprint, request, status, lease_token, lease_expires_at, "
-                 "created_at) VALUES ('k-busy', 'fp', '{}', 'in_progress', gen_random_uuid(), now() - interval '1 day', "
-                 "now() - interval '90 days')")
+                 "created_at) VALUES ('k-busy', 'fp', '{}', 'in_progress', gen_random_uuid(), "
+                 "now() - interval '1 day', now() - interval '90 days')")
     conn.execute("UPDATE outbox.effects SET completed_at = now() - interval '31 days' WHERE key = 'k-ok'")
     report = purge(db, inbox_window=timedelta(days=7), effect_window=timedelta(days=30))
     assert report.deleted["effects"] == 1
