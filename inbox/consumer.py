@@ -30,6 +30,7 @@ from kafka.structs import OffsetAndMetadata
 
 from inbox import store
 from inbox.errors import InboxError
+from inbox.plan import plan_batch
 from inbox.process import BatchResult, Handler, check_consumer_name, process
 from inbox.replay import replay_requested
 from inbox.retry import DEFAULT_POLICY, RetryPolicy
@@ -134,7 +135,11 @@ class Runner:
                 self._rewound.clear()
                 check_replays = time.monotonic() - self._last_replay_check >= self.replay_check_s
                 if records or check_replays:
-                    self._pending = self._worker.submit(self._work, records, check_replays)
+                    # Planning (envelope parsing) runs here, not on the worker: the worker then holds
+                    # the GIL only briefly, so this thread's many short hand-offs to kafka-python's IO
+                    # thread are not kept waiting behind it.
+                    plan = plan_batch(records) if records else None
+                    self._pending = self._worker.submit(self._work, records, plan, check_replays)
             self._settle(kc)
             self._commit_to_kafka(kc, wait=True)
         finally:
@@ -147,13 +152,13 @@ class Runner:
                  self.consumer, self.totals.processed, self.totals.duplicates, self.totals.dead_lettered)
         return self.totals
 
-    def _work(self, records, check_replays: bool) -> BatchResult | None:
+    def _work(self, records, plan, check_replays: bool) -> BatchResult | None:
         """Runs on the worker thread, which owns the PostgreSQL connection."""
         conn = self._connection()
         result = None
         if records:
             result = process(conn, self.consumer, records, self.handler, policy=self.policy,
-                             interrupt=self._interrupt, deadline=time.monotonic() + self.budget_s)
+                             interrupt=self._interrupt, deadline=time.monotonic() + self.budget_s, plan=plan)
         if check_replays and not self._interrupt.is_set():
             self._last_replay_check = time.monotonic()
             replay_requested(conn, self.consumer, self.handler)

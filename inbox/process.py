@@ -27,7 +27,7 @@ from psycopg.pq import TransactionStatus
 from inbox import codec, store
 from inbox.errors import InboxError
 from inbox.message import Message, Record
-from inbox.plan import Partition, plan_batch
+from inbox.plan import Partition, Plan, plan_batch
 from inbox.retry import DEFAULT_POLICY, RetryPolicy
 
 log = logging.getLogger("inbox")
@@ -55,13 +55,15 @@ class _Failure:
 
 def process(conn: psycopg.Connection, consumer: str, records: Iterable[Record] | Mapping[object, list[Record]],
             handler: Handler, *, policy: RetryPolicy = DEFAULT_POLICY, interrupt: threading.Event | None = None,
-            deadline: float | None = None) -> BatchResult:
+            deadline: float | None = None, plan: Plan | None = None) -> BatchResult:
     """Process a batch exactly once into the database behind `conn`. See the module docstring.
 
     records   kafka-python ConsumerRecords in poll order, or poll()'s dict of them
     handler   handler(conn, message): make the event's writes on `conn`, do not commit
     interrupt set it (e.g. on SIGTERM) to stop after the current record once retries are involved
     deadline  time.monotonic() by which to stop retrying; records not reached are left unprocessed
+    plan      plan_batch(records), when the caller computed it already (the Runner does so on its
+              polling thread, see consumer.py)
     """
     if isinstance(records, Mapping):
         records = [r for batch in records.values() for r in batch]
@@ -71,7 +73,7 @@ def process(conn: psycopg.Connection, consumer: str, records: Iterable[Record] |
     if conn.info.transaction_status != TransactionStatus.IDLE:
         raise InboxError("process() runs its own transactions, but the connection has one open. "
                          "Fix: commit or roll back first, or use a connection with autocommit=True.")
-    return _Batch(conn, consumer, handler, policy, interrupt or threading.Event(), deadline).run(records)
+    return _Batch(conn, consumer, handler, policy, interrupt or threading.Event(), deadline).run(records, plan)
 
 
 def check_consumer_name(consumer: str) -> None:
@@ -87,7 +89,7 @@ class _Batch:
         self.result = BatchResult()
         self.retrying = False  # once a handler failed, SIGTERM may stop us between records
 
-    def run(self, records: list[Record]) -> BatchResult:
+    def run(self, records: list[Record], plan: Plan | None) -> BatchResult:
         n = len(records)
         failing: dict[int, tuple[int, Exception, datetime]] = {}  # index -> (attempts made, last error, first failure)
         pos = 0
@@ -104,7 +106,8 @@ class _Batch:
                 pos += 1
                 continue
             end = min((i for i in failing if i > pos), default=n)
-            failure = self._attempt(records[pos:end])
+            whole = pos == 0 and end == n
+            failure = self._attempt(records if whole else records[pos:end], plan=plan if whole else None)
             if failure is None:
                 pos = end
             else:
@@ -116,10 +119,10 @@ class _Batch:
 
     # ----- one transaction
 
-    def _attempt(self, chunk: Sequence[Record], attempt: int = 1) -> _Failure | None:
+    def _attempt(self, chunk: Sequence[Record], attempt: int = 1, plan: Plan | None = None) -> _Failure | None:
         """Run `chunk` in one transaction; on handler failure roll back and say which record failed."""
         conn, consumer = self.conn, self.consumer
-        plan = plan_batch(chunk)
+        plan = plan or plan_batch(chunk)
         failure = None
         with conn.transaction():
             new = store.record_batch(conn, consumer, chunk, plan)
