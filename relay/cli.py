@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_components(sub: argparse._SubParsersAction) -> None:
     """Subcommands owned by the other packages (each has a `register(subparsers)`)."""
+    from inbox.cli import register as register_inbox
+
+    register_inbox(sub)
 
 
 

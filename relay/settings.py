@@ -98,8 +98,11 @@ class Settings(BaseSettings):
     inbox_max_attempts: int = Field(default=5, ge=1, le=100)
     inbox_backoff_initial_s: float = Field(default=0.2, gt=0, le=60)
     inbox_backoff_max_s: float = Field(default=10.0, gt=0, le=600)
+    inbox_poll_records: int = Field(default=2_000, ge=1, le=100_000)  # max per poll = per PG transaction
     inbox_retention_days: float = Field(default=7.0, gt=0)
+    inbox_purge_batch: int = Field(default=5_000, ge=1, le=1_000_000)  # rows per DELETE: bounds lock time
     effect_lease_s: float = Field(default=30.0, gt=0, le=86_400)
+    effect_retention_days: float = Field(default=30.0, gt=0)  # settled keys; unknown/in-progress are kept
 
     # --- logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

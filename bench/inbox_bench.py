@@ -1,0 +1,204 @@
+"""Inbox throughput versus a bare kafka-python consume loop, on the same topic, in one run.
+
+    python -m bench.inbox_bench [--records 200000] [--rounds 3] [--poll-records N] [--keep]
+
+Starts the embedded stack under .outbox/bench (PostgreSQL 18 + Apache Kafka), fills one topic
+with relay-shaped records (envelope headers, time-ordered v7 event ids, ~200 B JSON values,
+zstd like the relay's `compression=auto`), then alternates: a bare consume loop with an empty
+body, and the inbox Runner with an empty handler (every record deduplicated in PostgreSQL, one
+transaction per poll). Each inbox round is a new consumer, so every record is new to it. Rates are
+measured from the first record to the last one consumed (bare) or committed in PostgreSQL
+(inbox). Prints the medians and their ratio and saves JSON under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+import psycopg
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from inbox import Runner
+from relay.devstack import DevStack
+from relay.envelope import build_headers
+from relay.migrate import migrate
+from relay.settings import load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO / ".outbox" / "bench"
+RESULTS = REPO / "bench" / "results"
+DATABASE = "inbox_bench"
+PARTITIONS = 3
+GOAL = 0.7
+
+
+def uuid7() -> uuid.UUID:
+    """RFC 9562 v7, like outbox.uuid_v7(): what the relay's event ids look like."""
+    ms = time.time_ns() // 1_000_000
+    raw = bytearray(ms.to_bytes(6, "big") + os.urandom(10))
+    raw[6] = (raw[6] & 0x0F) | 0x70
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    return uuid.UUID(bytes=bytes(raw))
+
+
+def fill(bootstrap: str, topic: str, records: int) -> tuple[float, int]:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=256 * 1024,
+                             compression_type="zstd")
+    started = time.monotonic()
+    size = 0
+    for i in range(records):
+        aggregate = f"order-{i % 1000}".encode()
+        value = json.dumps({"order_id": f"order-{i % 1000}", "line": i, "sku": "SKU-" + "x" * 96,
+                            "amount": 1234, "currency": "EUR"}).encode()
+        size = len(value)
+        headers = build_headers(str(uuid7()).encode(), b"OrderPlaced", b"order", aggregate, b"0/16B3748",
+                                str(1000 + i).encode(), b"2026-11-26T23:00:00.000000Z")
+        producer.send(topic, value=value, key=aggregate, headers=headers)
+    producer.flush()
+    producer.close()
+    return records / (time.monotonic() - started), size
+
+
+def bare(bootstrap: str, topic: str, records: int, poll_records: int) -> float:
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"bare-{uuid.uuid4().hex[:8]}",
+                             enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=poll_records,
+                             isolation_level="read_committed")
+    got, first = 0, None
+    try:
+        while got < records:
+            for batch in consumer.poll(timeout_ms=1000).values():
+                if first is None:
+                    first = time.monotonic()
+                for _ in batch:  # the loop body a real consumer would have, empty
+                    got += 1
+        return records / (time.monotonic() - first)
+    finally:
+        consumer.close()
+
+
+def inbox(dsn, bootstrap: str, topic: str, records: int, poll_records: int) -> float:
+    handled = 0
+    first: list[float] = []
+    all_handled = threading.Event()
+
+    def handler(conn, msg):
+        nonlocal handled
+        if not first:
+            first.append(time.monotonic())
+        handled += 1
+        if handled == records:
+            all_handled.set()
+
+    consumer = f"bench-{uuid.uuid4().hex[:8]}"
+    runner = Runner(consumer, handler, dsn=dsn, bootstrap=bootstrap, topics=[topic], max_poll_records=poll_records)
+    thread = threading.Thread(target=runner.run, name="runner")
+    thread.start()
+    try:
+        if not all_handled.wait(600):
+            raise RuntimeError(f"the inbox handled only {handled} of {records} records in 10 minutes")
+        # Done when the last batch is committed, not merely handled.
+        with psycopg.connect(dsn.secret(), autocommit=True) as conn:
+            while conn.execute("SELECT coalesce(sum(next_offset), 0) FROM outbox.inbox_offsets WHERE consumer = %s",
+                               (consumer,)).fetchone()[0] < records:
+                time.sleep(0.005)
+        return records / (time.monotonic() - first[0])
+    finally:
+        runner.stop()
+        thread.join(60)
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), None)
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "mem_mib": mem, "loadavg_before": os.getloadavg()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.inbox_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=3, help="bare/inbox pairs; medians are reported")
+    parser.add_argument("--poll-records", type=int, default=None,
+                        help="max_poll_records for both loops (default: OUTBOX_INBOX_POLL_RECORDS)")
+    parser.add_argument("--keep", action="store_true", help="leave the bench stack running afterwards")
+    args = parser.parse_args(argv)
+    settings = load_settings(dev_kafka="apache")
+    poll_records = args.poll_records or settings.inbox_poll_records
+    info = {"machine": machine()}
+    stack = DevStack(settings, root=BENCH_DIR)
+    urls = stack.up()
+    try:
+        with psycopg.connect(urls.database_url.secret(), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {DATABASE}")
+            pg_version = conn.execute("SHOW server_version").fetchone()[0]
+        dsn = urls.database_url.with_params(dbname=DATABASE)
+        migrate(dsn, log=lambda _: None)
+        topic = f"bench.inbox.{uuid.uuid4().hex[:8]}"
+        produce_rate, value_size = fill(urls.kafka_bootstrap, topic, args.records)
+        print(f"filled {topic}: {args.records} records of {value_size} B ({produce_rate:,.0f}/s); "
+              f"max_poll_records {poll_records}", flush=True)
+        runs = []
+        for n in range(args.rounds):
+            for kind in ("bare", "inbox"):
+                rate = (bare(urls.kafka_bootstrap, topic, args.records, poll_records) if kind == "bare"
+                        else inbox(dsn, urls.kafka_bootstrap, topic, args.records, poll_records))
+                runs.append({"round": n + 1, "kind": kind, "events_per_s": round(rate)})
+                print(f"round {n + 1} {kind:5} {rate:10,.0f} events/s", flush=True)
+    finally:
+        if not args.keep:
+            stack.down()
+    bare_rate = statistics.median(r["events_per_s"] for r in runs if r["kind"] == "bare")
+    inbox_rate = statistics.median(r["events_per_s"] for r in runs if r["kind"] == "inbox")
+    ratio = inbox_rate / bare_rate
+    info["machine"]["loadavg_after"] = os.getloadavg()
+    result = {
+        "benchmark": "inbox_vs_bare_kafka_python",
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **info,
+        "versions": {"kafka-python": version("kafka-python"), "psycopg": version("psycopg"), "postgresql": pg_version,
+                     "kafka_broker": f"Apache Kafka {settings.dev_kafka_version}",
+                     "crc32c": _installed("crc32c"), "zstandard": _installed("zstandard")},
+        "settings": {"records": args.records, "value_bytes": value_size, "partitions": PARTITIONS,
+                     "compression": "zstd", "max_poll_records": poll_records, "isolation_level": "read_committed",
+                     "handler": "empty", "inbox_commit": "one PostgreSQL transaction per poll",
+                     "event_ids": "uuid v7"},
+        "runs": runs,
+        "bare_events_per_s": round(bare_rate),
+        "inbox_events_per_s": round(inbox_rate),
+        "ratio": round(ratio, 3),
+        "goal": GOAL,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"inbox-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nbare kafka-python {bare_rate:,.0f} events/s, inbox {inbox_rate:,.0f} events/s: "
+          f"ratio {ratio:.2f} (goal >= {GOAL})\nsaved {path.relative_to(REPO)}")
+    return 0
+
+
+def _installed(name: str) -> str | None:
+    try:
+        return version(name)
+    except Exception:  # noqa: BLE001 - optional packages
+        return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

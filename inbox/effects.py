@@ -1,0 +1,300 @@
+"""Idempotency keys for side effects outside PostgreSQL (Stripe / IETF Idempotency-Key semantics).
+
+    effects = Effects(dsn)
+    result = effects.run("charge:order-123", {"amount": 2500, "currency": "EUR"},
+                         call=lambda key: provider.charge(key, 2500, "EUR"),
+                         reconcile=provider.lookup, message=msg)
+
+- Before calling, the key is leased in the ledger and that lease is COMMITTED on the ledger's own
+  connection (never the handler's transaction, which could still roll back and erase the proof
+  that a call was about to happen).
+- The call gets the key and must pass it to the provider (e.g. an Idempotency-Key header).
+- Success or a definite failure (the call raises DefiniteFailure) is stored; every later attempt
+  with the key returns it without calling, marked `replayed`.
+- A live lease held by another attempt raises EffectInProgress (409); the same key with another
+  request raises EffectMismatch (422).
+- Anything else the call raises (timeout, reset, 5xx) leaves the outcome UNKNOWN, as does a lease
+  that expires without a result (the worker died mid-call). Unknown is settled by `reconcile`
+  (ask the provider by key), by calling again with the SAME key when `idempotent=True` (the
+  provider dedupes keys) or an operator approved it, or else left to an operator
+  (OutcomeUnknown). It is never settled by calling with a new key.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from inbox import codec
+from inbox.effect_rules import Decision, Existing, decide, fingerprint
+from inbox.errors import DefiniteFailure, EffectInProgress, EffectMismatch, OutcomeUnknown
+from inbox.message import Message
+from relay.redact import Dsn
+
+log = logging.getLogger("inbox.effects")
+
+_json_dumps = functools.partial(json.dumps, default=str)
+
+
+@dataclass(frozen=True)
+class EffectResult:
+    key: str
+    status: Literal["succeeded", "failed"]
+    response: Any
+    replayed: bool  # returned from the ledger without calling (Stripe's Idempotent-Replayed: true)
+    via: Literal["call", "reconcile", "operator"]  # how the stored outcome was established
+    attempts: int  # calls made under this key so far
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What a reconcile hook learned from the provider about a key."""
+
+    outcome: Literal["succeeded", "failed", "absent"]
+    response: Any = None
+
+    @classmethod
+    def succeeded(cls, response: Any) -> "Reconciled":
+        return cls("succeeded", response)
+
+    @classmethod
+    def failed(cls, response: Any) -> "Reconciled":
+        return cls("failed", response)
+
+    @classmethod
+    def absent(cls) -> "Reconciled":
+        """The provider has no trace of the key: the call never reached it, calling again is safe."""
+        return cls("absent")
+
+
+Call = Callable[[str], Any]
+Reconcile = Callable[[str, Any], "Reconciled | None"]  # None: the provider cannot tell
+
+_EVIDENCE = ("evidence = evidence || jsonb_build_array(jsonb_build_object("
+             "'at', clock_timestamp(), 'owner', %(owner)s::text, 'what', %(what)s::text, 'detail', %(detail)s::text))")
+
+
+class Effects:
+    def __init__(self, dsn: Dsn | str, *, lease_s: float = 30.0, owner: str | None = None):
+        """lease_s: how long an attempt may take before others treat its outcome as unknown. Keep the
+        provider call's own timeout well below it."""
+        self.dsn = dsn if isinstance(dsn, Dsn) else Dsn(dsn)
+        self.lease_s = lease_s
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._conn: psycopg.Connection | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings, **kwargs) -> "Effects":
+        return cls(settings.require_database_url(), lease_s=settings.effect_lease_s, **kwargs)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> "Effects":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ----- the API
+
+    def run(self, key: str, request: Any, call: Call, *, reconcile: Reconcile | None = None,
+            idempotent: bool = False, message: Message | None = None, consumer: str | None = None,
+            event_id: uuid.UUID | None = None) -> EffectResult:
+        """Perform `call(key)` at most once per key and return its stored outcome. See the module doc.
+
+        request     what the call does (JSON-able); its fingerprint guards against key reuse
+        reconcile   reconcile(key, request) -> Reconciled | None, asks the provider by key
+        idempotent  the provider dedupes this key itself, so an unknown outcome may be re-called with it
+        message     the inbox message being handled (records consumer and event id for tracing)
+        """
+        if not key or len(key) > 255:
+            raise ValueError("an idempotency key must be 1-255 characters")
+        if message is not None:
+            consumer, event_id = message.consumer, message.event_id
+        fp = fingerprint(request)
+        for _ in range(3):  # the key may change hands between two of our statements: look again
+            token = uuid.uuid4()
+            claim = self._claim(key, fp, request, token, consumer, event_id)
+            if claim == "unknown":
+                claim = self._settle_unknown(key, request, token, reconcile, idempotent)
+            if isinstance(claim, EffectResult):
+                return claim
+            if claim == "leased":
+                return self._call(key, token, call)
+        row = self.get(key) or {}
+        raise EffectInProgress(key, row.get("lease_owner"), row.get("lease_expires_at"))
+
+    def get(self, key: str) -> dict | None:
+        """The ledger row of a key, for inspection."""
+        with self._lock, self._connection().cursor(row_factory=dict_row) as cur:
+            return cur.execute("SELECT * FROM outbox.effects WHERE key = %s", (key,)).fetchone()
+
+    # ----- steps
+
+    def _claim(self, key, fp, request, token, consumer, event_id) -> EffectResult | str:
+        """Lease a new key, or say what the existing one means: a result, 'unknown', or an error."""
+        with self._lock:
+            conn = self._connection()
+            with conn.transaction():
+                inserted = conn.execute(
+                    "INSERT INTO outbox.effects (key, fingerprint, request, status, attempts, lease_owner, "
+                    "lease_token, lease_expires_at, consumer, event_id, evidence) "
+                    "VALUES (%(key)s, %(fp)s, %(request)s, 'in_progress', 1, %(owner)s, %(token)s, "
+                    "now() + make_interval(secs => %(lease)s), %(consumer)s, %(event_id)s, "
+                    "jsonb_build_array(jsonb_build_object('at', clock_timestamp(), 'owner', %(owner)s::text, "
+                    "'what', 'lease', 'detail', 'attempt 1'))) ON CONFLICT (key) DO NOTHING",
+                    {"key": key, "fp": fp, "request": Jsonb(request, dumps=_json_dumps), "owner": self.owner,
+                     "token": token, "lease": self.lease_s, "consumer": consumer, "event_id": event_id},
+                ).rowcount
+                if inserted:
+                    return "leased"
+                row = conn.execute(
+                    "SELECT fingerprint, status, response, resolved_via, attempts, lease_owner, lease_expires_at, "
+                    "lease_expires_at <= clock_timestamp() AS expired FROM outbox.effects WHERE key = %s FOR UPDATE",
+                    (key,)).fetchone()
+                if row is None:  # purged between the two statements
+                    return "retry"
+                stored_fp, status, response, via, attempts, lease_owner, expires_at, expired = row
+                decision = decide(Existing(stored_fp, status, bool(expired)), fp)
+                if decision is Decision.MISMATCH:
+                    raise EffectMismatch(key, stored_fp, fp)
+                if decision is Decision.IN_PROGRESS:
+                    raise EffectInProgress(key, lease_owner, expires_at)
+                if decision is Decision.REPLAY:
+                    conn.execute("UPDATE outbox.effects SET replays = replays + 1, last_replayed_at = now() "
+                                 "WHERE key = %s", (key,))
+                    return EffectResult(key, status, response, True, via, attempts)
+                if decision is Decision.EXPIRED:
+                    note = (f"lease of {lease_owner} expired at {expires_at} without a recorded result: "
+                            f"the worker died or stalled during or after the call")
+                    conn.execute(
+                        f"UPDATE outbox.effects SET status = 'unknown', lease_owner = NULL, lease_token = NULL, "
+                        f"lease_expires_at = NULL, last_error = %(detail)s, updated_at = now(), {_EVIDENCE} "
+                        f"WHERE key = %(key)s",
+                        {"key": key, "owner": self.owner, "what": "expired", "detail": note})
+                    log.warning("effect %s: %s; outcome unknown", key, note)
+                return "unknown"
+
+    def _settle_unknown(self, key, request, token, reconcile, idempotent) -> EffectResult | str:
+        """Try to settle an unknown outcome without risking a second effect."""
+        if reconcile is not None:
+            try:
+                found = reconcile(key, request)
+            except Exception as exc:  # noqa: BLE001 - the provider could not tell; keep it unknown
+                found = None
+                self._note(key, "reconcile", f"reconcile failed: {codec.describe_error(exc)}")
+            if found is not None and found.outcome in ("succeeded", "failed"):
+                return self._record(key, found.outcome, found.response, "reconcile")
+            if found is not None and found.outcome == "absent":
+                self._note(key, "reconcile", "the provider has no record of the key: calling again with it")
+                return self._take_over(key, token, "provider has no record of the key")
+        approved = self._reattempt_approved(key)
+        if idempotent or approved:
+            why = "re-attempt approved by an operator" if approved else "provider dedupes the key (idempotent=True)"
+            return self._take_over(key, token, why)
+        row = self.get(key) or {}
+        raise OutcomeUnknown(key, row.get("last_error") or "no result was recorded")
+
+    def _take_over(self, key, token, why: str) -> str:
+        with self._lock:
+            conn = self._connection()
+            row = conn.execute(
+                f"UPDATE outbox.effects SET status = 'in_progress', attempts = attempts + 1, lease_owner = %(owner)s, "
+                f"lease_token = %(token)s, lease_expires_at = now() + make_interval(secs => %(lease)s), "
+                f"reattempt_approved = false, updated_at = now(), {_EVIDENCE} "
+                f"WHERE key = %(key)s AND status = 'unknown' RETURNING attempts",
+                {"key": key, "owner": self.owner, "token": token, "lease": self.lease_s, "what": "lease",
+                 "detail": f"re-attempt with the same key: {why}"}).fetchone()
+        # Someone else took it over (or settled it) meanwhile: run() re-reads the key.
+        return "leased" if row else "retry"
+
+    def _call(self, key: str, token: uuid.UUID, call: Call) -> EffectResult:
+        started = time.monotonic()
+        try:
+            response = call(key)
+        except DefiniteFailure as exc:
+            return self._record(key, "failed", exc.response, "call")
+        except BaseException as exc:
+            error = codec.describe_error(exc)
+            self._mark_unknown(key, token, error)
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt, SystemExit: still recorded as unknown above
+            raise OutcomeUnknown(key, f"the call failed without a definite answer ({error})") from exc
+        elapsed = time.monotonic() - started
+        if elapsed > self.lease_s:
+            log.warning("effect %s: the call took %.1f s, longer than the %.1f s lease; another worker may have "
+                        "treated its outcome as unknown meanwhile. Fix: give the call a timeout below the lease "
+                        "(OUTBOX_EFFECT_LEASE_S)", key, elapsed, self.lease_s)
+        return self._record(key, "succeeded", response, "call")
+
+    def _record(self, key, status, response, via) -> EffectResult:
+        """Store a definite outcome unless one is stored already (then that one wins and is returned)."""
+        detail = f"{via}: {status}"
+        with self._lock:
+            conn = self._connection()
+            row = conn.execute(
+                f"UPDATE outbox.effects SET status = %(status)s, response = %(response)s, resolved_via = %(via)s, "
+                f"completed_at = now(), updated_at = now(), lease_owner = NULL, lease_token = NULL, "
+                f"lease_expires_at = NULL, {_EVIDENCE} "
+                f"WHERE key = %(key)s AND status IN ('in_progress', 'unknown') RETURNING attempts",
+                {"key": key, "status": status, "response": Jsonb(response, dumps=_json_dumps), "via": via,
+                 "owner": self.owner, "what": status, "detail": detail}).fetchone()
+            if row is not None:
+                return EffectResult(key, status, response, False, via, row[0])
+            stored = conn.execute("SELECT status, response, resolved_via, attempts FROM outbox.effects "
+                                  "WHERE key = %s", (key,)).fetchone()
+        if stored is None:
+            raise OutcomeUnknown(key, f"the key disappeared from the ledger before its {status} result was stored")
+        log.warning("effect %s: outcome was already settled (%s via %s) when this attempt finished (%s)",
+                    key, stored[0], stored[2], status)
+        return EffectResult(key, stored[0], stored[1], True, stored[2], stored[3])
+
+    def _mark_unknown(self, key, token, error: str) -> None:
+        with self._lock:
+            self._connection().execute(
+                f"UPDATE outbox.effects SET status = 'unknown', lease_owner = NULL, lease_token = NULL, "
+                f"lease_expires_at = NULL, last_error = %(detail)s, updated_at = now(), {_EVIDENCE} "
+                f"WHERE key = %(key)s AND lease_token = %(token)s",
+                {"key": key, "token": token, "owner": self.owner, "what": "indeterminate", "detail": error})
+        log.warning("effect %s: outcome unknown after %s", key, error)
+
+    def _note(self, key, what: str, detail: str) -> None:
+        with self._lock:
+            self._connection().execute(
+                f"UPDATE outbox.effects SET last_error = %(detail)s, updated_at = now(), {_EVIDENCE} "
+                f"WHERE key = %(key)s",
+                {"key": key, "owner": self.owner, "what": what, "detail": detail})
+
+    def _reattempt_approved(self, key) -> bool:
+        with self._lock:
+            row = self._connection().execute("SELECT reattempt_approved FROM outbox.effects WHERE key = %s",
+                                             (key,)).fetchone()
+        return bool(row and row[0])
+
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.dsn.secret(), autocommit=True, connect_timeout=15,
+                                         application_name="inbox-effects")
+        return self._conn
