@@ -62,6 +62,7 @@ def assert_answers(env: dict[str, str], topic: str) -> None:
 @pytest.fixture
 def dev_dir():
     path = REPO / ".outbox" / f"devstack-{uuid.uuid4().hex[:8]}"
+    path.parent.mkdir(exist_ok=True)  # a fresh clone has no .outbox/ yet
     yield path
     if path.exists():
         outbox(path, "dev", "down", check=False)
