@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     effect_lease_s: float = Field(default=30.0, gt=0, le=86_400)
     effect_retention_days: float = Field(default=30.0, gt=0)  # settled keys; unknown/in-progress are kept
 
+    # --- dashboard
+    dashboard_port: int = Field(default=8501, ge=1, le=65535)
+
     # --- logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
