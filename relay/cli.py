@@ -105,6 +105,12 @@ def _prune(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from relay.demo import run_demo
+
+    return run_demo(settings, rate=args.rate, duration=args.duration, dashboard=not args.no_dashboard)
+
+
 def _not_yet(issue: str) -> Callable[[argparse.Namespace, Settings], int]:
     def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"outbox {args.command}: not implemented yet ({issue})", file=sys.stderr)
@@ -161,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_argument("--json", action="store_true")
     dlq.set_defaults(func=_dead_letters)
 
+    demo = sub.add_parser("demo", help="everything at once for a first look",
+                          description="Starts the dev stack, the relay, two inbox consumers (one charging a fake "
+                          "payment provider through the effects ledger), a shop placing orders, the dashboard, and "
+                          "now and then a failure on purpose (a duplicate delivery, a dropped provider response, a "
+                          "declined card, an unknown outcome). Prints a summary every 10 s; Ctrl-C stops it.")
+    demo.add_argument("--rate", type=float, default=3.0, help="orders per second (default 3)")
+    demo.add_argument("--duration", type=float, help="stop after this many seconds")
+    demo.add_argument("--no-dashboard", action="store_true", help="do not start the Streamlit dashboard")
+    demo.set_defaults(func=_demo)
+
     prune = sub.add_parser("prune", help="delete published outbox events and bookkeeping older than a window",
                            description="Retention for the outbox table: deletes events the relay has published, "
                            "with their delivery rows and finished batches, older than --older-than, in small "
@@ -171,7 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text, issue in [
         ("dashboard", "run the Streamlit operator dashboard", "issue #5"),
-        ("demo", "everything at once for a first look", "issue #3"),
         ("status", "terminal summary: slot lag, in flight, duplicates, unknown outcomes", "issue #5"),
     ]:
         sub.add_parser(name, help=text, description=text).set_defaults(func=_not_yet(issue))
