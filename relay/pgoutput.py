@@ -180,10 +180,19 @@ def _type(buf: bytes) -> Type:
 
 
 def _insert(buf: bytes) -> Insert:
-    (oid,) = _U32.unpack_from(buf, 1)
-    if buf[5] != 0x4E:  # 'N'
-        raise DecodeError(f"Insert without a new tuple (marker {chr(buf[5])!r})")
-    return Insert(oid, _tuple(buf, 6)[0])
+    return Insert(*insert_at(buf, 0))
+
+
+def insert_at(buf: bytes, start: int) -> tuple[int, tuple]:
+    """(relation oid, new row) of the Insert message that begins at `start` in `buf`. The relay
+    calls this on whole replication frames, skipping the message and frame objects per row."""
+    try:
+        (oid,) = _U32.unpack_from(buf, start + 1)
+        if buf[start + 5] != 0x4E:  # 'N'
+            raise DecodeError(f"Insert without a new tuple (marker {chr(buf[start + 5])!r})")
+        return oid, _tuple(buf, start + 6)[0]
+    except (struct.error, IndexError) as exc:
+        raise DecodeError(f"truncated or malformed 'I' message ({len(buf) - start} bytes): {exc}") from None
 
 
 def _update(buf: bytes) -> Update:

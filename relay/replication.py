@@ -121,10 +121,15 @@ class ReplicationStream:
 
     def read(self, timeout: float) -> XLogData | Keepalive | None:
         """The next frame, or None if nothing arrived within `timeout` seconds."""
+        raw = self.read_raw(timeout)
+        return None if raw is None else parse_frame(raw)
+
+    def read_raw(self, timeout: float) -> memoryview | None:
+        """The next CopyData message as received (see parse_frame), or None after `timeout` seconds."""
         pg = self._pg
         n, data = pg.get_copy_data(1)
         if n > 0:
-            return parse_frame(data)
+            return data
         if n == 0:
             ready, _, _ = select.select([pg.socket], [], [], timeout)
             if not ready:
@@ -132,7 +137,7 @@ class ReplicationStream:
             pg.consume_input()
             n, data = pg.get_copy_data(1)
             if n > 0:
-                return parse_frame(data)
+                return data
             if n == 0:
                 return None
         # n == -1: the server ended the COPY; its final result carries the reason.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from relay.pgoutput import (
-    UNCHANGED, Begin, Commit, DecodeError, Delete, Message, Origin, Relation, Truncate, Type, Update,
+    UNCHANGED, Begin, Commit, DecodeError, Delete, Message, Origin, Truncate, Type, Update,
     decode, lsn_to_str, pg_timestamp, str_to_lsn,
 )
 
@@ -108,3 +108,15 @@ def test_lsn_text_round_trip():
     assert str_to_lsn(lsn_to_str(0)) == 0
     with pytest.raises(ValueError, match="is not an LSN"):
         str_to_lsn("nope")
+
+
+def test_insert_at_reads_an_insert_inside_a_whole_frame():
+    """The relay's hot path decodes inserts in place in the replication frame."""
+    from relay.pgoutput import insert_at
+
+    payload = bytes.fromhex(json.loads((DATA / "pgoutput_v1.json").read_text())[2])
+    frame = b"w" + bytes(24) + payload
+    expected = decode(payload)
+    assert insert_at(frame, 25) == (expected.relation_oid, expected.new)
+    with pytest.raises(DecodeError, match="truncated or malformed 'I' message"):
+        insert_at(frame[:30], 25)
