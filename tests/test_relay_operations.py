@@ -92,7 +92,7 @@ def test_unpublishable_events_are_dead_lettered_and_the_rest_flow(db, kafka, top
         wait_for(lambda: query(db, "SELECT count(*) FROM outbox.relay_dead_letters")[0][0] == 2, 30, "dead letters")
     assert [json.loads(r.value)["n"] for r in records] == [1, 3]
     dead = query(db, "SELECT event_id::text, reason, error, length(payload), aggregate_type, replayed_at "
-                     "FROM outbox.relay_dead_letters ORDER BY id")
+                     "FROM outbox.relay_dead_letters ORDER BY reason DESC")
     assert [(d[0], d[1]) for d in dead] == [(ids[1], "oversize"), (ids[2], "invalid_topic")]
     assert all("Fix:" in d[2] for d in dead)
     assert dead[0][3] > 1_200_000 and dead[1][4] == "bad topic!" and dead[0][5] is None
