@@ -125,7 +125,8 @@ class Relay:
                 if self.transactional_id:
                     ensure_checkpoint_topic(s)
                     publisher.init_transactions()  # fences a zombie predecessor, settles its transaction
-                    checkpoint = Checkpoint.from_json(read_checkpoint(s, s.slot_name.encode()))
+                    probe = publisher.write_aborted_probe(s.checkpoint_topic)
+                    checkpoint = Checkpoint.from_json(read_checkpoint(s, s.slot_name.encode(), probe))
                 for batch_id, status in settle_previous_batches(control, s.slot_name, s.delivery, checkpoint):
                     log.warning("batch %s was in flight when the previous relay stopped: %s", batch_id, status)
                 pipeline_ref: list[Pipeline] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -19,6 +20,7 @@ from kafka.admin import NewTopic
 from kafka.codec import has_lz4, has_zstd
 
 from relay.settings import Settings
+from relay.slot import FatalError
 
 log = logging.getLogger("outbox.relay")
 
@@ -125,6 +127,16 @@ class Publisher:
                 log.warning("aborting the Kafka transaction failed (the broker aborts it on timeout): %s", exc)
             self.in_transaction = False
 
+    def write_aborted_probe(self, topic: str) -> bytes:
+        """Write a record in a transaction and abort it. A broker with correct transactions never
+        shows it to read_committed readers; read_checkpoint() refuses to go on if it sees it."""
+        probe = f"__probe__:{uuid.uuid4()}".encode()
+        self.producer.begin_transaction()
+        self.producer.send(topic, key=probe, value=b"aborted on purpose")
+        self.producer.flush()
+        self.producer.abort_transaction()
+        return probe
+
     def close(self, timeout: float = 10) -> None:
         try:
             self.producer.close(timeout=timeout)
@@ -145,8 +157,16 @@ def ensure_checkpoint_topic(settings: Settings) -> None:
         admin.close()
 
 
-def read_checkpoint(settings: Settings, key: bytes, timeout: float = 30) -> dict | None:
-    """The last committed checkpoint for `key`, read with read_committed up to the end of the topic."""
+EOS_UNSAFE = (
+    "the Kafka broker shows records of an aborted transaction to read_committed consumers (Tansu does), so "
+    "exactly-once delivery cannot be guaranteed on it. Fix: use Apache Kafka or another broker with correct "
+    "transactions, or set OUTBOX_DELIVERY=at-least-once and deduplicate on event_id in consumers."
+)
+
+
+def read_checkpoint(settings: Settings, key: bytes, probe: bytes | None = None, timeout: float = 30) -> dict | None:
+    """The last committed checkpoint for `key`, read with read_committed up to the end of the topic.
+    Meeting the aborted `probe` record proves the broker unfit for exactly-once (FatalError)."""
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_servers, group_id=None, enable_auto_commit=False,
                              isolation_level="read_committed", auto_offset_reset="earliest",
                              client_id="outbox-relay-checkpoint")
@@ -163,6 +183,8 @@ def read_checkpoint(settings: Settings, key: bytes, timeout: float = 30) -> dict
                 raise TimeoutError(f"reading checkpoint topic {settings.checkpoint_topic} timed out")
             for records in consumer.poll(timeout_ms=500).values():
                 for record in records:
+                    if probe is not None and record.key == probe:
+                        raise FatalError(EOS_UNSAFE)
                     if record.key == key and record.value is not None:
                         latest = json.loads(record.value)
         return latest

@@ -87,3 +87,20 @@ def test_a_second_relay_fences_a_zombie(db, kafka, topic_prefix, tmp_path, admin
     assert len(ids) == 350 and len(set(ids)) == 350
     for proc in (a, b):
         assert sigterm(proc) == 0
+
+
+def test_exactly_once_is_refused_on_a_broker_that_shows_aborted_records(db, topic_prefix, tmp_path):
+    """Tansu returns aborted transactional records to read_committed consumers: the relay proves it
+    with an aborted probe record and stops with the fix instead of promising exactly-once."""
+    from relay.devstack.kafka import Tansu
+
+    tansu = Tansu(tmp_path / "tansu")
+    pid, port = tansu.start(None, None)
+    try:
+        relay = RelayThread(relay_settings(db, f"127.0.0.1:{port}", topic_prefix, delivery="exactly-once"))
+        assert relay.start().join(90) == 1
+        assert "shows records of an aborted transaction to read_committed consumers" in \
+            relay.relay.metrics.last_error
+        assert "OUTBOX_DELIVERY=at-least-once" in relay.relay.metrics.last_error
+    finally:
+        tansu.stop(pid, port)
