@@ -140,10 +140,15 @@ class Pipeline:
                 continue
             timeout = 0.002 if (self.batch is not None or not self.queue.idle) else 0.2
             for i in range(5000):
-                raw = read(timeout)
+                raw = read(0)
                 if raw is None:
-                    self._on_idle()
-                    break
+                    # Nothing more buffered: send what is staged before waiting, or a quiet stream
+                    # would hold a record back until the stage fills (latency).
+                    self._send_staged()
+                    raw = read(timeout)
+                    if raw is None:
+                        self._on_idle()
+                        break
                 if raw[0] == 0x77 and raw[25] == 0x49:  # XLogData carrying an Insert: the hot path
                     on_row(*insert_at(bytes(raw), 25))
                     continue
