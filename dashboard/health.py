@@ -9,13 +9,8 @@ from typing import Literal
 import pandas as pd
 import psycopg
 
-from dashboard import queries
+from dashboard import MAX_IN_FLIGHT_AGE_S, STALLED_AFTER_S, queries
 from dashboard.units import duration
-
-# An event not in Kafka this long after its commit means the relay is behind or stuck.
-MAX_IN_FLIGHT_AGE_S = 60.0
-# A consumer with lag whose position has not moved for this long is stalled.
-STALLED_AFTER_S = 300.0
 
 
 @dataclass(frozen=True)

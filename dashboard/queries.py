@@ -189,14 +189,15 @@ def most_duplicated(conn: psycopg.Connection, consumer: str | None = None, *, or
     if order not in ("count", "recent"):
         raise ValueError(f"order must be 'count' or 'recent', not {order!r}")
     order_by = "m.duplicates DESC, m.last_seen DESC" if order == "count" else "m.last_seen DESC"
+    possible = consumer is None or _storable(consumer)
     return frame(conn, f"""
         SELECT m.consumer, m.event_id::text AS event_id, m.duplicates, m.last_seen, m.first_seen, m.status,
                e.event_type, e.aggregate_type, e.aggregate_id, m.topic, m.kafka_partition, m.kafka_offset
           FROM outbox.inbox_messages m
           LEFT JOIN outbox.events e ON e.event_id = m.event_id
-         WHERE m.duplicates > 0 AND (%(consumer)s::text IS NULL OR m.consumer = %(consumer)s::text)
+         WHERE %(possible)s AND m.duplicates > 0 AND (%(consumer)s::text IS NULL OR m.consumer = %(consumer)s::text)
          ORDER BY {order_by}
-         LIMIT %(limit)s""", {"consumer": consumer, "limit": limit})
+         LIMIT %(limit)s""", {"possible": possible, "consumer": consumer if possible else None, "limit": limit})
 
 
 # ----- unknown outcome
@@ -252,18 +253,18 @@ def relay_dead_letters(conn: psycopg.Connection, *, search: str = "", include_re
                        limit: int = ROW_LIMIT) -> pd.DataFrame:
     """Events the relay could not publish, newest first, with the command that republishes each.
     `search` matches literally (no wildcards) in reason, error, event id, type and aggregate."""
-    search = _searchable(search)
-    if search is None:
-        return _empty_relay_dead_letters()
+    search = (search or "").strip()
+    possible = _storable(search)
     df = frame(conn, """
         SELECT id, event_id::text AS event_id, slot_name, topic, reason, error, aggregate_type, aggregate_id,
                event_type, dead_lettered_at, replayed_at, replay_note
           FROM outbox.relay_dead_letters
-         WHERE (%(all)s OR replayed_at IS NULL)
+         WHERE %(possible)s AND (%(all)s OR replayed_at IS NULL)
            AND (%(q)s = '' OR strpos(lower(concat_ws(' ', reason, error, event_id::text, event_type,
                                                      aggregate_type, aggregate_id, topic)), lower(%(q)s)) > 0)
          ORDER BY id DESC
-         LIMIT %(limit)s""", {"all": include_replayed, "q": search, "limit": limit})
+         LIMIT %(limit)s""", {"possible": possible, "all": include_replayed, "q": search if possible else "",
+                              "limit": limit})
     df.insert(1, "replay_command", [f"outbox dead-letters replay {i}" for i in df["id"]])
     return df
 
@@ -274,20 +275,20 @@ def inbox_dead_letters(conn: psycopg.Connection, *, consumer: str | None = None,
     replay (handler failures) or discard (no valid event id: nothing to deduplicate on)."""
     from inbox.replay import replay_command
 
-    search = _searchable(search)
-    if search is None:
-        return _empty_inbox_dead_letters()
+    search = (search or "").strip()
+    possible = _storable(search) and (consumer is None or _storable(consumer))
     df = frame(conn, """
         SELECT id, consumer, status, reason, error, attempts, replay_attempts, event_id::text AS event_id,
                event_type, aggregate_type, aggregate_id, topic, kafka_partition, kafka_offset, created_at,
                replay_requested_at, replayed_at
           FROM outbox.inbox_dead_letters
-         WHERE (%(all)s OR status IN ('dead', 'replay_requested'))
+         WHERE %(possible)s AND (%(all)s OR status IN ('dead', 'replay_requested'))
            AND (%(consumer)s::text IS NULL OR consumer = %(consumer)s::text)
            AND (%(q)s = '' OR strpos(lower(concat_ws(' ', consumer, reason, error, event_id::text, event_type,
                                                      aggregate_type, aggregate_id, topic)), lower(%(q)s)) > 0)
          ORDER BY id DESC
-         LIMIT %(limit)s""", {"all": include_resolved, "consumer": consumer, "q": search, "limit": limit})
+         LIMIT %(limit)s""", {"possible": possible, "all": include_resolved, "consumer": consumer if possible else None,
+                              "q": search if possible else "", "limit": limit})
     commands = []
     for dl_id, who, reason, status in zip(df["id"], df["consumer"], df["reason"], df["status"]):
         if reason == "invalid_envelope":
@@ -311,30 +312,17 @@ def dead_letter_reasons(conn: psycopg.Connection) -> pd.DataFrame:
         ORDER BY 1, 2""")
 
 
-def _empty_relay_dead_letters() -> pd.DataFrame:
-    return pd.DataFrame(columns=["id", "replay_command", "event_id", "slot_name", "topic", "reason", "error",
-                                 "aggregate_type", "aggregate_id", "event_type", "dead_lettered_at",
-                                 "replayed_at", "replay_note"])
-
-
-def _empty_inbox_dead_letters() -> pd.DataFrame:
-    return pd.DataFrame(columns=["id", "consumer", "command", "status", "reason", "error", "attempts",
-                                 "replay_attempts", "event_id", "event_type", "aggregate_type", "aggregate_id",
-                                 "topic", "kafka_partition", "kafka_offset", "created_at",
-                                 "replay_requested_at", "replayed_at"])
-
-
-def _searchable(text: str) -> str | None:
-    """The search text as PostgreSQL can compare it, or None when no stored text can contain it
-    (PostgreSQL text cannot hold NUL, and what is not UTF-8 was never stored)."""
-    text = (text or "").strip()
+def _storable(text: str) -> bool:
+    """Whether PostgreSQL could hold this text at all: it cannot store NUL, and what is not UTF-8 was
+    never stored. Text that fails this matches nothing, so the query is asked for no rows instead of
+    failing on it."""
     if "\x00" in text:
-        return None
+        return False
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return None
-    return text
+        return False
+    return True
 
 
 # ----- event trace
@@ -373,8 +361,8 @@ def find_events(conn: psycopg.Connection, term: str, limit: int = 100) -> pd.Dat
     event_id = parse_event_id(term)
     if event_id is not None:
         return frame(conn, f"{_EVENT_LIST} WHERE e.event_id = %(id)s", {"id": event_id})
-    term = _searchable(term)
-    if not term:
+    term = (term or "").strip()
+    if not term or not _storable(term):
         return frame(conn, f"{_EVENT_LIST} WHERE false")
     # Per aggregate type through the (aggregate_type, aggregate_id) index: the aggregate id alone
     # is not indexed, and an extra index on the producers' insert path is not worth a search box.

@@ -170,9 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.set_defaults(func=_prune)
 
     for name, text, issue in [
-        ("dashboard", "run the Streamlit operator dashboard", "issue #5"),
         ("demo", "everything at once for a first look", "issue #3"),
-        ("status", "terminal summary: slot lag, in flight, duplicates, unknown outcomes", "issue #5"),
     ]:
         sub.add_parser(name, help=text, description=text).set_defaults(func=_not_yet(issue))
     _register_components(sub)
@@ -181,9 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_components(sub: argparse._SubParsersAction) -> None:
     """Subcommands owned by the other packages (each has a `register(subparsers)`)."""
+    from dashboard.cli import register as register_dashboard
     from inbox.cli import register as register_inbox
 
     register_inbox(sub)
+    register_dashboard(sub)
 
 
 

@@ -86,3 +86,14 @@ def kafka(stack: StackUrls) -> str:
 def topic_prefix() -> str:
     """Unique per test, so tests never read each other's records."""
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def dashboard_scenario(stack, admin_dsn):
+    """One database filled by a real relay and real consumers, shared by the dashboard's read-only
+    tests (building it takes ~15 s). Tests that write make their own."""
+    from .dashboard_support import build, teardown
+
+    scenario = build(stack, admin_dsn, f"d{uuid.uuid4().hex[:10]}")
+    yield scenario
+    teardown(scenario, admin_dsn)
