@@ -107,14 +107,15 @@ BEGIN
             USING ERRCODE = 'no_data_found';
     END IF;
     expired := e.status = 'in_progress' AND e.lease_expires_at <= now();
-    IF NOT (e.status = 'unknown' OR expired) THEN
-        RAISE EXCEPTION 'resolve_effect: effect % is not unknown: %', quote_literal(e.key),
-            CASE e.status
-                WHEN 'in_progress' THEN format('in progress, %s holds its lease until %s', e.lease_owner, e.lease_expires_at)
-                ELSE format('%s (via %s), nothing to decide', e.status, e.resolved_via)
-            END
+    IF e.status = 'in_progress' AND NOT expired THEN
+        RAISE EXCEPTION 'resolve_effect: effect % is not unknown: in progress, % holds its lease until %',
+            quote_literal(e.key), e.lease_owner, e.lease_expires_at
             USING ERRCODE = 'object_not_in_prerequisite_state',
-                  HINT = CASE WHEN e.status = 'in_progress' THEN 'Wait for the attempt to finish or its lease to expire.' END;
+                  HINT = 'Wait for the attempt to finish or its lease to expire.';
+    ELSIF e.status IN ('succeeded', 'failed') THEN
+        RAISE EXCEPTION 'resolve_effect: effect % is not unknown: % (via %), nothing to decide',
+            quote_literal(e.key), e.status, e.resolved_via
+            USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     IF resolve_effect.decision = 'reattempt' AND e.reattempt_approved THEN
         RAISE EXCEPTION 'resolve_effect: a re-attempt of % is already approved; the next attempt will call with the same key',
