@@ -84,39 +84,40 @@ def _details(row: pd.Series) -> None:
 
 
 def _decision(ctx: Context, key: str) -> None:
-    pending: actions.Request | None = st.session_state.get(_PENDING)
-    if pending is not None and pending.key == key:
-        st.warning(f"**Confirm:** {pending.summary()}. This is recorded in the audit log and cannot be undone "
-                   f"from the dashboard.")
-        confirm, cancel = st.columns(2)
-        if confirm.button("Confirm decision", type="primary", key="confirm_decision"):
-            del st.session_state[_PENDING]
-            try:
-                audit_id = actions.resolve(ctx.db.dsn, ctx.db.role, pending)
-            except (actions.Refused, DashboardError) as exc:
-                st.error(f"Not recorded: {exc}")
-                return
-            st.session_state[_DONE] = f"Recorded: {pending.summary()} (audit entry #{audit_id})."
-            st.rerun()
-        if cancel.button("Cancel", key="cancel_decision"):
-            del st.session_state[_PENDING]
-            st.rerun()
-        return
+    # The form stays on the page while the decision waits for confirmation, so that Cancel (or a
+    # refusal) leaves what the operator typed in place.
     with st.form("decision_form"):
         st.markdown(f"**Decide the outcome of** `{key}`")
-        decision = st.radio("Decision", list(actions.DECISIONS), format_func=actions.DECISIONS.get)
-        reference = st.text_input("Provider reference (required to mark succeeded)", max_chars=500)
-        response = st.text_area("Response JSON for the handler (optional)", max_chars=20_000,
+        decision = st.radio("Decision", list(actions.DECISIONS), format_func=actions.DECISIONS.get, key="decision")
+        reference = st.text_input("Provider reference (required to mark succeeded)", max_chars=500, key="reference")
+        response = st.text_area("Response JSON for the handler (optional)", max_chars=20_000, key="response",
                                 placeholder='{"id": "ch_123", "amount": 2500}')
-        operator = st.text_input("Your name", max_chars=200)
-        reason = st.text_area("Why: what did you check?", max_chars=2000)
+        operator = st.text_input("Your name", max_chars=200, key="operator")
+        reason = st.text_area("Why: what did you check?", max_chars=2000, key="reason")
         submitted = st.form_submit_button("Review decision")
     if submitted:
+        st.session_state.pop(_PENDING, None)
         try:
-            request = actions.request(key, decision, reason, operator, reference,
-                                      None if decision == "reattempt" else response)
+            st.session_state[_PENDING] = actions.request(key, decision, reason, operator, reference,
+                                                         None if decision == "reattempt" else response)
         except actions.Refused as exc:
             st.error(str(exc))
             return
-        st.session_state[_PENDING] = request
+    pending: actions.Request | None = st.session_state.get(_PENDING)
+    if pending is None or pending.key != key:
+        return
+    st.warning(f"**Confirm:** {pending.summary()}. This is recorded in the audit log and cannot be undone from the "
+               f"dashboard.")
+    confirm, cancel = st.columns(2)
+    if cancel.button("Cancel", key="cancel_decision"):
+        del st.session_state[_PENDING]
+        st.rerun()
+    if confirm.button("Confirm decision", type="primary", key="confirm_decision"):
+        del st.session_state[_PENDING]
+        try:
+            audit_id = actions.resolve(ctx.db.dsn, ctx.db.role, pending)
+        except (actions.Refused, DashboardError) as exc:
+            st.error(f"Not recorded: {exc}")
+            return
+        st.session_state[_DONE] = f"Recorded: {pending.summary()} (audit entry #{audit_id})."
         st.rerun()
