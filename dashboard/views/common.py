@@ -24,7 +24,7 @@ def table(df: pd.DataFrame, *, key: str | None = None, **column_config) -> None:
     config = dict(column_config)
     if "event_id" in df.columns and len(df):
         df = df.copy()
-        df.insert(0, "trace", ["?view=Event+trace&q=" + str(e) if e else None for e in df["event_id"]])
+        df.insert(0, "trace", ["?view=Event+trace&q=" + str(e) if pd.notna(e) and e else None for e in df["event_id"]])
         config.setdefault("trace", st.column_config.LinkColumn("trace", display_text="trace", width="small"))
     for col in df.columns:
         if col.endswith("_s") and col not in config:

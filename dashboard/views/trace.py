@@ -41,8 +41,12 @@ def _render(t: queries.Trace) -> None:
         st.info("The outbox row is gone (pruned by retention); what follows is what the rest recorded.")
     else:
         e = t.event.iloc[0]
-        state = ("**in flight**: committed, not yet acknowledged by Kafka" if t.in_flight
-                 else "**published** (or dead-lettered, see below)")
+        if t.in_flight:
+            state = "**in flight**: committed, not yet acknowledged by Kafka"
+        elif len(t.relay_dead_letters) and t.deliveries.empty:
+            state = "**dead-lettered by the relay**: not in Kafka, see Dead letters below"
+        else:
+            state = "**published**"
         st.markdown(f"`{e['aggregate_type']}` / `{e['aggregate_id']}` · **{e['event_type']}** · created "
                     f"{e['created_at']:%Y-%m-%d %H:%M:%S.%f} · txid {e['txid']} · {state}")
         left, right = st.columns(2)
