@@ -130,7 +130,7 @@ def _as_text(s, findings, attention: bool) -> str:
         lines.append("NEEDS ATTENTION:")
     else:
         lines.append("all clear")
-    for f in findings:
+    for f in sorted(findings, key=lambda f: f.level != "attention"):
         lines.append(f"  {'!' if f.level == 'attention' else '-'} {f.text} (dashboard: {f.view})")
     return "\n".join(lines)
 
