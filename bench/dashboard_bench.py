@@ -306,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                 for q, t in r["queries"].items():
                     print(f"    {q:40} {t['median_s'] * 1000:8.1f} ms  (max {t['max_s'] * 1000:.1f})")
             with db.snapshot() as conn:
-                snapshot = health.collect(conn, ends)
-            findings = [f.text for f in health.assess(snapshot)]
+                snapshot = health.collect(conn)
+            findings = [f.text for f in health.assess(health.with_kafka(snapshot, ends))]
         finally:
             ends.close()
             db.close()

@@ -86,9 +86,12 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_FAILED
     try:
         with conn.transaction():
-            snap = health.collect(conn, ends)
+            snap = health.collect(conn)
     finally:
         conn.close()
+    try:
+        health.with_kafka(snap, ends)
+    finally:
         ends.close()
     findings = health.assess(snap, max_in_flight_age_s=args.max_in_flight_age, stalled_after_s=args.stalled_after)
     attention = health.needs_attention(findings)

@@ -35,16 +35,24 @@ class Snapshot:
     kafka_error: str | None = None
 
 
-def collect(conn: psycopg.Connection, end_offsets) -> Snapshot:
-    """`end_offsets`: a dashboard.kafka_lag.EndOffsets (or anything with .fetch and .error)."""
-    positions = queries.consumer_positions(conn)
-    ends = end_offsets.fetch(list(zip(positions["topic"], positions["kafka_partition"])))
+def collect(conn: psycopg.Connection) -> Snapshot:
+    """Everything from one database snapshot; consumer lag is added by with_kafka(), outside it."""
     return Snapshot(
         relays=queries.relays(conn), slots=queries.slots(conn), in_flight=queries.in_flight_summary(conn),
         effects=queries.unresolved_effects(conn), batches=queries.relay_batches_at_risk(conn),
-        dead_letters=queries.dead_letter_reasons(conn), consumers=queries.with_lag(positions, ends),
-        duplicates_last_hour=queries.duplicate_totals(conn, hours=1),
-        kafka_error=end_offsets.error if ends is None else None)
+        dead_letters=queries.dead_letter_reasons(conn), consumers=queries.with_lag(queries.consumer_positions(conn),
+                                                                                    None),
+        duplicates_last_hour=queries.duplicate_totals(conn, hours=1))
+
+
+def with_kafka(s: Snapshot, end_offsets) -> Snapshot:
+    """Consumer lag from Kafka's end offsets. Asked after the database snapshot is released: an
+    unreachable broker costs seconds, which must not hold the dashboard's shared connection.
+    `end_offsets`: a dashboard.kafka_lag.EndOffsets (anything with .fetch and .error)."""
+    ends = end_offsets.fetch(list(zip(s.consumers["topic"], s.consumers["kafka_partition"])))
+    s.consumers = queries.with_lag(s.consumers.drop(columns=["end_offset", "lag"]), ends)
+    s.kafka_error = end_offsets.error if ends is None else None
+    return s
 
 
 def assess(s: Snapshot, *, max_in_flight_age_s: float = MAX_IN_FLIGHT_AGE_S,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -13,6 +14,9 @@ from relay.redact import redact
 log = logging.getLogger("outbox.dashboard")
 
 TIMEOUT_MS = 3_000
+# After a failure, say "unknown" at once for this long instead of waiting for the timeout again on
+# every refresh of every page while the broker is down.
+RETRY_AFTER_S = 30.0
 
 
 class EndOffsets:
@@ -24,6 +28,7 @@ class EndOffsets:
         self.error: str | None = None  # why the last lookup failed, for the page
         self._consumer: KafkaConsumer | None = None
         self._lock = threading.Lock()
+        self._failed_at: float | None = None
 
     def fetch(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int] | None:
         """{(topic, partition): end offset}, or None when Kafka could not be asked (see .error)."""
@@ -31,6 +36,8 @@ class EndOffsets:
             self.error = None
             return {}
         with self._lock:
+            if self._failed_at is not None and time.monotonic() - self._failed_at < RETRY_AFTER_S:
+                return None  # self.error still says why
             try:
                 if self._consumer is None:
                     self._consumer = KafkaConsumer(
@@ -43,7 +50,9 @@ class EndOffsets:
                 self.error = f"Kafka at {self.bootstrap} did not answer ({redact(str(exc)).strip() or type(exc).__name__})"
                 log.warning("consumer lag unavailable: %s", self.error)
                 self._close()
+                self._failed_at = time.monotonic()
                 return None
+            self._failed_at = None
         self.error = None
         return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
 

@@ -69,6 +69,15 @@ def test_overview_says_what_needs_attention_and_shows_the_slot(scenario_app, das
     assert dashboard_scenario.db.params()["password"] not in sidebar and "password=***" in sidebar
 
 
+def test_overview_without_kafka_says_lag_is_unknown_and_shows_the_rest(monkeypatch, dashboard_scenario):
+    at = app(monkeypatch, dashboard_scenario.db, "127.0.0.1:1").run()
+    assert not at.exception, at.exception
+    assert "Lag unknown: Kafka at 127.0.0.1:1 did not answer" in texts(at.warning)
+    [lag] = frames(at, "lag")
+    assert lag["lag"].isna().all() and set(lag["consumer"]) == {"billing", "shipping"}
+    assert "2 effects with an unknown outcome need a decision" in texts(at.error)
+
+
 def test_in_flight_view_says_nothing_is_waiting(scenario_app):
     at = view(scenario_app, "In flight")
     assert {m.label: m.value for m in at.metric}["Events in flight"] == "0"

@@ -11,8 +11,9 @@ from dashboard.views.common import Context, empty, table
 
 def render(ctx: Context) -> None:
     with ctx.db.snapshot() as conn:
-        snap = health.collect(conn, ctx.end_offsets)
+        snap = health.collect(conn)
         flow = queries.throughput(conn, minutes=60)
+    health.with_kafka(snap, ctx.end_offsets)
     findings = health.assess(snap)
 
     attention = [f for f in findings if f.level == "attention"]
