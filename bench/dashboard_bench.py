@@ -48,6 +48,7 @@ TYPES = ("order", "payment", "shipment", "customer", "invoice")
 PARTITIONS = 3
 PER_TXN = 100  # events per producing transaction and per relay batch
 WATERMARK = 1_000_000  # xid8 of the relay's watermark: every transaction below it is published
+COUNTED = ("events", "deliveries", "relay_batches", "inbox_messages", "inbox_stats", "in_flight")
 
 
 def fill(conn: psycopg.Connection, events: int, inbox: int, in_flight: int) -> dict[str, float]:
@@ -274,18 +275,14 @@ def main(argv: list[str] | None = None) -> int:
             steps = fill(conn, args.events, args.inbox, args.in_flight)
             # A real slot, so that the lag and retained-WAL figures are computed as in production.
             conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (SLOT,))
-            counts = conn.execute("SELECT (SELECT count(*) FROM outbox.events), (SELECT count(*) FROM outbox.deliveries),"
-                                  " (SELECT count(*) FROM outbox.relay_batches), "
-                                  "(SELECT count(*) FROM outbox.inbox_messages), "
-                                  "(SELECT count(*) FROM outbox.inbox_stats), "
-                                  "(SELECT count(*) FROM outbox.in_flight)").fetchone()
+            counts = conn.execute("SELECT " + ", ".join(f"(SELECT count(*) FROM outbox.{t})" for t in COUNTED)
+                                  ).fetchone()
             samples = {"event_id": conn.execute("SELECT event_id::text FROM outbox.events ORDER BY event_id "
                                                 "OFFSET %s LIMIT 1", (args.events // 2,)).fetchone()[0],
                        "aggregate_id": "agg-4242",
                        "partitions": [(f"outbox.event.{t}", p) for t in TYPES for p in range(3)]}
             size = conn.execute("SELECT pg_size_pretty(pg_database_size(current_database()))").fetchone()[0]
-        names = ("events", "deliveries", "relay_batches", "inbox_messages", "inbox_stats", "in_flight")
-        rows = dict(zip(names, counts))
+        rows = dict(zip(COUNTED, counts))
         print(f"rows: {rows}; database {size}", flush=True)
         admin = KafkaAdminClient(bootstrap_servers=urls.kafka_bootstrap)
         try:

@@ -40,6 +40,7 @@ class EndOffsets:
                 return None  # self.error still says why
             try:
                 if self._consumer is None:
+                    # read_committed like the inbox: the end it can reach is the last stable offset.
                     self._consumer = KafkaConsumer(
                         bootstrap_servers=self.bootstrap.split(","), group_id=None, enable_auto_commit=False,
                         client_id="outbox-dashboard", request_timeout_ms=TIMEOUT_MS,
@@ -47,7 +48,8 @@ class EndOffsets:
                 ends = self._consumer.end_offsets([TopicPartition(t, p) for t, p in partitions],
                                                   timeout_ms=TIMEOUT_MS)
             except Exception as exc:  # noqa: BLE001 - any client failure means "lag unknown", said on the page
-                self.error = f"Kafka at {self.bootstrap} did not answer ({redact(str(exc)).strip() or type(exc).__name__})"
+                why = redact(str(exc)).strip() or type(exc).__name__
+                self.error = f"Kafka at {self.bootstrap} did not answer ({why})"
                 log.warning("consumer lag unavailable: %s", self.error)
                 self._close()
                 self._failed_at = time.monotonic()

@@ -223,15 +223,6 @@ def unresolved_effects(conn: psycopg.Connection) -> pd.DataFrame:
     return df
 
 
-def evidence(conn: psycopg.Connection, key: str) -> pd.DataFrame:
-    """The evidence trail of one effect: every lease, error, expiry, reconcile and decision, in order."""
-    return frame(conn, """
-        SELECT (item ->> 'at')::timestamptz AS at, item ->> 'owner' AS owner, item ->> 'what' AS what,
-               item ->> 'detail' AS detail
-          FROM outbox.effects, jsonb_array_elements(evidence) AS item
-         WHERE key = %(key)s""", {"key": key})
-
-
 def relay_batches_at_risk(conn: psycopg.Connection, limit: int = 100) -> pd.DataFrame:
     """Batches whose outcome was unknown at a relay crash (settled 'unknown'), and batches still in
     flight whose relay is gone (the next relay to start will settle them)."""

@@ -91,11 +91,13 @@ BEGIN
                   HINT = 'Look the key up in the provider''s dashboard or API and pass its id (e.g. the charge id).';
     END IF;
     IF resolve_effect.decision = 'reattempt' AND (ref IS NOT NULL OR resolve_effect.response IS NOT NULL) THEN
-        RAISE EXCEPTION 'resolve_effect: a re-attempt takes no provider reference or response (the provider will answer)'
+        RAISE EXCEPTION 'resolve_effect: a re-attempt takes no provider reference or response (%)',
+            'the provider will answer'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF resolve_effect.response IS NOT NULL AND jsonb_typeof(resolve_effect.response) <> 'object' THEN
-        RAISE EXCEPTION 'resolve_effect: response must be a JSON object, got a JSON %', jsonb_typeof(resolve_effect.response)
+        RAISE EXCEPTION 'resolve_effect: response must be a JSON object, got a JSON %',
+            jsonb_typeof(resolve_effect.response)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
@@ -118,8 +120,8 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
     IF resolve_effect.decision = 'reattempt' AND e.reattempt_approved THEN
-        RAISE EXCEPTION 'resolve_effect: a re-attempt of % is already approved; the next attempt will call with the same key',
-            quote_literal(e.key) USING ERRCODE = 'object_not_in_prerequisite_state';
+        RAISE EXCEPTION 'resolve_effect: a re-attempt of % is already approved; %', quote_literal(e.key),
+            'the next attempt will call with the same key' USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
 
     IF resolve_effect.decision = 'succeeded' THEN

@@ -21,8 +21,8 @@ from .relay_support import RelayThread, emit, query, relay_settings, wait_for, w
 
 HOSTILE = [
     "'", "''", '"', "\\", "%", "_", "%%", "o-%", "o-_", "' OR '1'='1", "'; DROP TABLE outbox.events; --",
-    "\"; DELETE FROM outbox.effects; --", "$1", "%s", "%(q)s", "{}", "ünï ✓ 注文 🚀", "\u202e", "a\x00b", "\ud800",
-    "x" * 100_000, " ", "\n\t",
+    "\"; DELETE FROM outbox.effects; --", "$1", "%s", "%(q)s", "{}", "ünï ✓ 注文 🚀", "\u202e", "a\x00b",
+    "\ud800", "x" * 100_000, " ", "\n\t",
 ]
 
 
