@@ -23,7 +23,12 @@ VIEWS = {
 }
 
 
-@st.cache_resource
+def _release(ctx: Context) -> None:
+    ctx.db.close()
+    ctx.end_offsets.close()
+
+
+@st.cache_resource(on_release=_release)
 def _context() -> Context:
     """Shared by every browser session of this process: one database connection, one Kafka client."""
     settings = load_settings()

@@ -88,10 +88,12 @@ def topic_prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dashboard_scenario(stack, admin_dsn):
-    """One database filled by a real relay and real consumers, shared by the dashboard's read-only
-    tests (building it takes ~15 s). Tests that write make their own."""
+    """A database filled by a real relay and real consumers, shared by a dashboard test module's
+    read-only tests (building it takes ~6 s). Per module, so that its relay and Kafka clients are
+    gone before other modules run: an idle Kafka client left in the process slows group joins
+    enough to break the inbox's rebalance timing test. Tests that write make their own."""
     from .dashboard_support import build, teardown
 
     scenario = build(stack, admin_dsn, f"d{uuid.uuid4().hex[:10]}")

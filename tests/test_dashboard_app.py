@@ -19,11 +19,19 @@ from .dashboard_support import (AT_RISK_KEY, CHARGE_KEY, CRASHED_RELAY, HOSTILE_
 APP = str(REPO / "dashboard" / "app.py")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def release_the_apps_resources():
+    """The app caches a database connection and a Kafka client per process; release them when
+    this module is done (the app's on_release closes both)."""
+    yield
+    st.cache_resource.clear()
+
+
 def app(monkeypatch, db, kafka) -> AppTest:
     monkeypatch.setenv("OUTBOX_DATABASE_URL", db.secret())
     monkeypatch.setenv("OUTBOX_KAFKA_BOOTSTRAP", kafka)
     monkeypatch.setenv("OUTBOX_DASHBOARD_REFRESH_S", "3600")
-    st.cache_resource.clear()  # the app's shared connection belongs to the previous test's database
+    st.cache_resource.clear()  # releases the previous test's connection and Kafka client
     return AppTest.from_file(APP, default_timeout=30)
 
 
