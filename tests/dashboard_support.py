@@ -143,8 +143,10 @@ def _consume(s: Scenario, client: ProviderClient) -> None:
             conn.execute("INSERT INTO applied (event_id, account, amount, attempt) VALUES (%s, %s, %s, %s)",
                          (msg.event_id, msg.envelope.aggregate_id, amount, msg.attempt))
 
+        # A Kafka group of their own per scenario: each test module builds one, and a group id reused
+        # by the previous module's consumers made the next join wait for their session to expire.
         runners = [Background(Runner(name, handler, dsn=s.db, bootstrap=s.kafka, topics=[s.topic], policy=FAST,
-                                     poll_timeout_s=0.2))
+                                     poll_timeout_s=0.2, group_id=f"{s.prefix}.{name}"))
                    for name, handler in (("billing", billing), ("shipping", shipping))]
         try:
             for name in ("billing", "shipping"):
