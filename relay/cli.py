@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 
 from relay import __version__
 from relay.redact import redact
@@ -111,14 +110,6 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(settings, rate=args.rate, duration=args.duration, dashboard=not args.no_dashboard)
 
 
-def _not_yet(issue: str) -> Callable[[argparse.Namespace, Settings], int]:
-    def run(args: argparse.Namespace, settings: Settings) -> int:
-        print(f"outbox {args.command}: not implemented yet ({issue})", file=sys.stderr)
-        return EXIT_FAILED
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outbox",
@@ -185,20 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--batch-size", type=int, default=10_000)
     prune.set_defaults(func=_prune)
 
-    for name, text, issue in [
-        ("dashboard", "run the Streamlit operator dashboard", "issue #5"),
-        ("status", "terminal summary: slot lag, in flight, duplicates, unknown outcomes", "issue #5"),
-    ]:
-        sub.add_parser(name, help=text, description=text).set_defaults(func=_not_yet(issue))
     _register_components(sub)
     return parser
 
 
 def _register_components(sub: argparse._SubParsersAction) -> None:
     """Subcommands owned by the other packages (each has a `register(subparsers)`)."""
+    from dashboard.cli import register as register_dashboard
     from inbox.cli import register as register_inbox
 
     register_inbox(sub)
+    register_dashboard(sub)
 
 
 

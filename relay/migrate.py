@@ -96,6 +96,10 @@ def migrate(dsn: Dsn, *, wal_check: bool = True, log=print) -> list[Migration]:
                     )""")
             done = {v: (n, c) for v, n, c in conn.execute(
                 "SELECT version, name, checksum FROM outbox.schema_migrations")}
+            # A migration says with a NOTICE what it could not do and what to run instead (004 without
+            # CREATEROLE); without this the operator would never see it.
+            conn.add_notice_handler(lambda diag: log(f"note: {diag.message_primary}"
+                                                     + (f". {diag.message_hint}" if diag.message_hint else "")))
             for m in migrations:
                 if m.version in done:
                     if done[m.version][1] != m.checksum:

@@ -106,6 +106,11 @@ class Settings(BaseSettings):
 
     # --- dashboard
     dashboard_port: int = Field(default=8501, ge=1, le=65535)
+    # A login for the dashboard alone (default: database_url). Either way the dashboard switches to
+    # dashboard_role, which can only read plus call outbox.resolve_effect (sql/004_dashboard.sql).
+    dashboard_database_url: DsnSetting = None
+    dashboard_role: str = Field(default="outbox_dashboard", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    dashboard_refresh_s: float = Field(default=10.0, ge=1, le=3600)
 
     # --- logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

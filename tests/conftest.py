@@ -86,3 +86,16 @@ def kafka(stack: StackUrls) -> str:
 def topic_prefix() -> str:
     """Unique per test, so tests never read each other's records."""
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="module")
+def dashboard_scenario(stack, admin_dsn):
+    """A database filled by a real relay and real consumers, shared by a dashboard test module's
+    read-only tests (building it takes ~6 s). Per module, so that its relay and Kafka clients are
+    gone before other modules run: an idle Kafka client left in the process slows group joins
+    enough to break the inbox's rebalance timing test. Tests that write make their own."""
+    from .dashboard_support import build, teardown
+
+    scenario = build(stack, admin_dsn, f"d{uuid.uuid4().hex[:10]}")
+    yield scenario
+    teardown(scenario, admin_dsn)

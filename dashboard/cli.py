@@ -1,0 +1,152 @@
+"""`outbox dashboard` and `outbox status`.
+
+`outbox status` exit codes: 0 all clear, 3 something needs attention (the findings say what),
+1 the check itself failed (database unreachable, role missing), 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+from dashboard import MAX_IN_FLIGHT_AGE_S, STALLED_AFTER_S
+from relay.settings import Settings
+
+EXIT_OK, EXIT_FAILED, EXIT_ATTENTION = 0, 1, 3
+APP = Path(__file__).resolve().parent / "app.py"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    dash = subparsers.add_parser(
+        "dashboard", help="run the Streamlit operator dashboard",
+        description="Serve the operator dashboard on http://127.0.0.1:OUTBOX_DASHBOARD_PORT (8501): health, "
+                    "in-flight events, suppressed duplicates, unknown outcomes (with the audited operator "
+                    "decision), dead letters with their replay commands, and an event trace. It connects with "
+                    "OUTBOX_DASHBOARD_DATABASE_URL (default OUTBOX_DATABASE_URL) and switches to the read-only "
+                    "role OUTBOX_DASHBOARD_ROLE (outbox_dashboard).")
+    dash.add_argument("--port", type=int, help="listen on this port instead of OUTBOX_DASHBOARD_PORT")
+    dash.set_defaults(func=_dashboard)
+
+    status = subparsers.add_parser(
+        "status", help="terminal summary: slot lag, in flight, duplicates, unknown outcomes, dead letters",
+        description="Print the pipeline's health. Exit code 0: all clear; 3: something needs attention (each "
+                    "finding is printed); 1: the check failed (database unreachable, dashboard role missing). "
+                    "Suitable for cron or a monitoring probe.")
+    status.add_argument("--json", action="store_true", help="one JSON document instead of text")
+    status.add_argument("--max-in-flight-age", type=float, default=MAX_IN_FLIGHT_AGE_S, metavar="SECONDS",
+                        help="attention when an event waits longer than this for Kafka (default %(default)g)")
+    status.add_argument("--stalled-after", type=float, default=STALLED_AFTER_S, metavar="SECONDS",
+                        help="attention when a consumer with lag has not moved for this long (default %(default)g)")
+    status.set_defaults(func=_status)
+
+
+def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    from dashboard.db import DashboardError, connect, dashboard_dsn
+
+    port = args.port or settings.dashboard_port
+    try:
+        connect(dashboard_dsn(settings), settings.dashboard_role).close()
+    except DashboardError as exc:
+        print(f"outbox dashboard: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            print(f"outbox dashboard: port {port} on 127.0.0.1 is not available ({exc.strerror}). Fix: stop what "
+                  f"uses it or pick another port with --port or OUTBOX_DASHBOARD_PORT.", file=sys.stderr)
+            return EXIT_FAILED
+    print(f"outbox dashboard: http://127.0.0.1:{port}", file=sys.stderr)
+    sys.stderr.flush()
+    # exec: Ctrl-C and SIGTERM reach Streamlit directly, and no idle parent is left behind.
+    os.execv(sys.executable, [
+        sys.executable, "-m", "streamlit", "run", str(APP),
+        "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
+        "--server.fileWatcherType", "none", "--server.runOnSave", "false",
+        "--browser.gatherUsageStats", "false", "--global.developmentMode", "false",
+        "--client.toolbarMode", "viewer",
+    ])
+    return EXIT_FAILED  # unreachable: execv does not return
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from dashboard import health
+    from dashboard.db import DashboardError, connect, dashboard_dsn
+    from dashboard.kafka_lag import EndOffsets
+
+    ends = EndOffsets(settings.kafka_bootstrap)
+    try:
+        conn = connect(dashboard_dsn(settings), settings.dashboard_role)
+    except DashboardError as exc:
+        print(f"outbox status: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        with conn.transaction():
+            snap = health.collect(conn)
+    finally:
+        conn.close()
+    try:
+        health.with_kafka(snap, ends)
+    finally:
+        ends.close()
+    findings = health.assess(snap, max_in_flight_age_s=args.max_in_flight_age, stalled_after_s=args.stalled_after)
+    attention = health.needs_attention(findings)
+    if args.json:
+        print(json.dumps(_as_json(snap, findings, attention), indent=2, default=str))
+    else:
+        print(_as_text(snap, findings, attention))
+    return EXIT_ATTENTION if attention else EXIT_OK
+
+
+def _as_text(s, findings, attention: bool) -> str:
+    from dashboard.units import duration, size
+
+    lines = []
+    for slot in s.slots.itertuples():
+        relays = s.relays[s.relays["slot_name"] == slot.slot_name]
+        who = ", ".join(f"{r.state} {r.relay_id}" for r in relays.itertuples() if r.state != "stopped") or "none"
+        wal = "missing" if slot.slot_missing else slot.wal_status
+        lines.append(f"slot        {slot.slot_name} ({slot.delivery}): lag {size(slot.lag_bytes)} / "
+                     f"{duration(s.in_flight['oldest_age_s'])}, wal_status {wal}, retained WAL "
+                     f"{size(slot.retained_wal_bytes)}; relays: {who}")
+    if s.slots.empty:
+        lines.append("slot        none (no relay has run against this database)")
+    lines.append(f"in flight   {s.in_flight['count']:,} events"
+                 + (f", oldest {duration(s.in_flight['oldest_age_s'])}" if s.in_flight["count"] else ""))
+    if s.consumers.empty:
+        lines.append("consumers   none")
+    for name, parts in s.consumers.groupby("consumer", sort=True):
+        lag = "unknown (Kafka not reachable)" if parts["lag"].isna().any() else f"{int(parts['lag'].sum()):,}"
+        lines.append(f"consumer    {name}: lag {lag} over {len(parts)} partitions")
+    dups = ", ".join(f"{r.consumer} {r.suppressed:,}" for r in s.duplicates_last_hour.itertuples()) or "none"
+    lines.append(f"duplicates  suppressed in the last hour: {dups}")
+    unknown = int((s.effects["effective_status"] == "unknown").sum())
+    in_progress = int((s.effects["effective_status"] == "in_progress").sum())
+    lines.append(f"unknown     {unknown} effects (+{in_progress} in progress), {len(s.batches)} relay batches")
+    open_dl = s.dead_letters.groupby(s.dead_letters["source"].str.startswith("relay"))["open"].sum()
+    lines.append(f"dead        relay {int(open_dl.get(True, 0))}, inbox {int(open_dl.get(False, 0))} open")
+    if attention:
+        lines.append("NEEDS ATTENTION:")
+    else:
+        lines.append("all clear")
+    for f in sorted(findings, key=lambda f: f.level != "attention"):
+        lines.append(f"  {'!' if f.level == 'attention' else '-'} {f.text} (dashboard: {f.view})")
+    return "\n".join(lines)
+
+
+def _as_json(s, findings, attention: bool) -> dict:
+    return {
+        "attention": attention,
+        "findings": [{"level": f.level, "text": f.text, "view": f.view} for f in findings],
+        "slots": s.slots.to_dict(orient="records"),
+        "relays": s.relays.to_dict(orient="records"),
+        "in_flight": s.in_flight,
+        "consumers": s.consumers.astype(object).where(s.consumers.notna(), None).to_dict(orient="records"),
+        "unknown_effects": int((s.effects["effective_status"] == "unknown").sum()),
+        "relay_batches_unknown": len(s.batches),
+        "open_dead_letters": s.dead_letters.to_dict(orient="records"),
+    }
