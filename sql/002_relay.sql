@@ -161,7 +161,7 @@ BEGIN
         EXIT WHEN n < batch_size;
     END LOOP;
     DELETE FROM outbox.relay_batches
-     WHERE finished_at < now() - keep AND status IN ('acked', 'committed', 'aborted');
+     WHERE finished_at < now() - keep AND status IN ('acked', 'committed', 'aborted', 'unknown');
     GET DIAGNOSTICS n = ROW_COUNT;
     batches := n;
 END
