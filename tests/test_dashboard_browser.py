@@ -3,7 +3,8 @@ the real relay and consumers filled, loaded view by view in Debian's headless Ch
 on what is visible and saves the screenshots the README and docs/dashboard.md show.
 
 Skips when Chromium or chromedriver is missing, unless OUTBOX_REQUIRE_BROWSER=1 (CI), where a
-missing browser is a failure."""
+missing browser is a failure. Screenshots go to pytest's temporary directory; with
+OUTBOX_UPDATE_SCREENSHOTS=1 they replace the ones in docs/ (so a test run leaves the tree clean)."""
 
 from __future__ import annotations
 
@@ -112,7 +113,8 @@ def _wait_for_text(driver, expected: list[str], timeout: float = 30) -> str:
     raise AssertionError(f"not visible after {timeout:.0f} s: {missing}\n--- page text ---\n{text[:3000]}")
 
 
-def test_each_view_in_headless_chromium(dashboard_url, browser, dashboard_scenario):
+def test_each_view_in_headless_chromium(dashboard_url, browser, dashboard_scenario, tmp_path):
+    shots = DOCS if os.environ.get("OUTBOX_UPDATE_SCREENSHOTS") == "1" else tmp_path
     events = dashboard_scenario.events
     pages = [
         ("overview", {"view": "Overview"}, ["Needs attention", "2 effects with an unknown outcome need a decision",
@@ -130,5 +132,4 @@ def test_each_view_in_headless_chromium(dashboard_url, browser, dashboard_scenar
         browser.get(f"{dashboard_url}/?{urlencode(params)}")
         text = _wait_for_text(browser, expected)
         assert "Traceback" not in text, name
-        DOCS.mkdir(exist_ok=True)
-        assert browser.save_screenshot(str(DOCS / f"dashboard-{name}.png")), name
+        assert browser.save_screenshot(str(shots / f"dashboard-{name}.png")), name
