@@ -122,3 +122,12 @@ def test_status_json_of_a_stack_that_was_never_started(dev_dir):
     result = outbox(dev_dir, "dev", "status", "--json", check=False)
     assert result.returncode == 3
     assert json.loads(result.stdout) == {"dir": str(dev_dir)}
+
+
+def test_kafka_cluster_ids_never_start_with_a_dash():
+    """Regression: one storage format in 64 failed because argparse read the id as an option."""
+    from relay.devstack.kafka import kafka_cluster_id
+
+    ids = [kafka_cluster_id() for _ in range(5000)]
+    assert not any(i.startswith("-") for i in ids)
+    assert all(len(i) == 22 for i in ids) and len(set(ids)) == 5000

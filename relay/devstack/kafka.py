@@ -255,7 +255,7 @@ class ApacheKafka(Broker):
 
     def _format(self, libs: Path) -> None:
         shutil.rmtree(self.data, ignore_errors=True)  # a format interrupted half-way is redone from scratch
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = kafka_cluster_id()
         result = subprocess.run(
             [self.java, "-Xmx256m", f"-Dlog4j2.configurationFile={self.root / 'log4j2.properties'}",
              "-cp", str(libs / "*"), "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config)],
@@ -264,6 +264,15 @@ class ApacheKafka(Broker):
         if result.returncode != 0:
             shutil.rmtree(self.data, ignore_errors=True)
             raise StackError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
+
+
+def kafka_cluster_id() -> str:
+    """A random cluster id as Kafka makes them: 16 bytes, URL-safe base64, never starting with '-'
+    (the storage tool would read one that does as an option: a format failure 1 time in 64)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 class Tansu(Broker):
