@@ -173,14 +173,16 @@ def test_rebalance_between_two_instances_hands_partitions_over_without_overlap(d
     create_business_schema(db)
     topic = f"{topic_prefix}.deposits"
     create_topic(kafka, topic, partitions=4)
-    accounts = [f"acc-{i % 8}" for i in range(600)]
+    # ~15 s of work for one instance: comfortably longer than a group rebalance (a heartbeat interval
+    # of 3 s plus the rejoin), so the second instance always joins mid-load, even on a busy machine.
+    accounts = [f"acc-{i % 8}" for i in range(1500)]
     produce(kafka, topic, [(a.encode(), deposit(a, 1), headers_for(uuid.uuid4(), a)) for a in accounts])
     calls = Counter()
 
     def slow(conn, msg):
         calls[msg.event_id] += 1
         apply_deposit(conn, msg)
-        time.sleep(0.01)  # ~6 s of work in all, so the second instance joins mid-load
+        time.sleep(0.01)
 
     first = Background(runner(db, kafka, "shared", topic, slow, max_poll_records=20))
     wait_until(lambda: first.runner.totals.processed >= 60, 30, "the first instance to make progress")
@@ -188,6 +190,6 @@ def test_rebalance_between_two_instances_hands_partitions_over_without_overlap(d
     wait_until(lambda: second.runner.totals.processed > 0, 60, "the second instance to get partitions")
     caught_up(db, "shared", kafka, topic)
     a, b = first.stop(), second.stop()
-    assert set(calls.values()) == {1} and len(calls) == 600
-    assert a.processed + b.processed == 600 and a.duplicates + b.duplicates == 0
-    assert counts(db, "SELECT count(*), count(DISTINCT event_id) FROM applied") == [(600, 600)]
+    assert set(calls.values()) == {1} and len(calls) == 1500
+    assert a.processed + b.processed == 1500 and a.duplicates + b.duplicates == 0
+    assert counts(db, "SELECT count(*), count(DISTINCT event_id) FROM applied") == [(1500, 1500)]
