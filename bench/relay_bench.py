@@ -225,18 +225,27 @@ def main() -> None:
         bootstrap = urls.kafka_bootstrap
         results: dict = {}
 
-        for slot in ("b_recv", "b_capture", "b_capture_route", "b_relay", "b_relay_nodeliv"):
+        capture_slots = [f"b_{kind}{i}" for i in (1, 2) for kind in ("recv", "capture", "route")]
+        for slot in capture_slots + ["b_relay", "b_relay_nodeliv"]:
             create_slot(dsn, slot)
         log(f"inserting {n} events of ~200 B ...")
         end_lsn = insert_rows(dsn, "bench", n)
 
-        results["pg_recvlogical_events_per_s"] = round(bench_recvlogical(dsn, "b_recv", end_lsn, n))
-        log(f"pg_recvlogical: {results['pg_recvlogical_events_per_s']:,} events/s")
-        results["relay_capture_events_per_s"] = round(bench_capture(dsn, "b_capture", end_lsn, n, None))
-        log(f"relay capture (stream+decode): {results['relay_capture_events_per_s']:,} events/s")
-        results["relay_capture_and_route_events_per_s"] = round(
-            bench_capture(dsn, "b_capture_route", end_lsn, n, "bench.{aggregate_type}"))
-        log(f"relay capture + route to records: {results['relay_capture_and_route_events_per_s']:,} events/s")
+        # Each capture path reads the same WAL twice, alternating, and keeps its better run: the
+        # first reader after the load pays for cold caches and a busy checkpointer.
+        best: dict[str, float] = {}
+        for slot in capture_slots:
+            kind = slot[2:-1]
+            if kind == "recv":
+                rate = bench_recvlogical(dsn, slot, end_lsn, n)
+            else:
+                rate = bench_capture(dsn, slot, end_lsn, n, "bench.{aggregate_type}" if kind == "route" else None)
+            best[kind] = max(best.get(kind, 0.0), rate)
+        results["pg_recvlogical_events_per_s"] = round(best["recv"])
+        results["relay_capture_events_per_s"] = round(best["capture"])
+        results["relay_capture_and_route_events_per_s"] = round(best["route"])
+        log(f"pg_recvlogical: {best['recv']:,.0f} events/s; relay capture (stream+decode): {best['capture']:,.0f}/s; "
+            f"capture + route to records: {best['route']:,.0f}/s")
 
         def settings_for(slot: str, template: str, **extra):
             return load_settings(_env_file=None, database_url=dsn.secret(), kafka_bootstrap=bootstrap, slot_name=slot,
@@ -257,8 +266,8 @@ def main() -> None:
             results[f"ratio_e2e_to_bare_{key}"] = round(e2e / bare, 3)
             log(f"bare producer {bare:,.0f}/s; relay end to end ({key.replace('_', ' ')}) {e2e:,.0f}/s "
                 f"-> {e2e / bare:.2f}x")
-        results["ratio_capture_to_pg_recvlogical"] = round(
-            results["relay_capture_events_per_s"] / results["pg_recvlogical_events_per_s"], 3)
+        results["ratio_capture_to_pg_recvlogical"] = round(best["capture"] / best["recv"], 3)
+        results["ratio_capture_and_route_to_pg_recvlogical"] = round(best["route"] / best["recv"], 3)
 
         create_slot(dsn, "b_latency")
         results["latency_at_1k_per_s"] = bench_latency(settings_for("b_latency", "lat.{aggregate_type}"), dsn, 1000,
