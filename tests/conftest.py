@@ -99,3 +99,27 @@ def dashboard_scenario(stack, admin_dsn):
     scenario = build(stack, admin_dsn, f"d{uuid.uuid4().hex[:10]}")
     yield scenario
     teardown(scenario, admin_dsn)
+
+
+@pytest.fixture
+def provider():
+    """The fake payment provider, a real HTTP server on 127.0.0.1."""
+    from inbox.fake_provider import FakeProvider
+
+    with FakeProvider(hang_s=2.0) as p:
+        yield p
+
+
+@pytest.fixture
+def client(provider):
+    from inbox.fake_provider import ProviderClient
+
+    return ProviderClient(provider.url, timeout_s=0.5)
+
+
+@pytest.fixture
+def effects(db):
+    from inbox import Effects
+
+    with Effects(db, lease_s=5, owner="worker-a") as e:
+        yield e

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -13,6 +12,8 @@ import psycopg
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from relay.envelope import build_headers
+
+from .helpers import wait_for as wait_until
 
 # Balances are incremented and every application is logged; neither has a unique constraint, so an
 # event applied twice shows up as a wrong balance and a repeated ledger row.
@@ -122,16 +123,6 @@ class Background:
         if self.error:
             raise self.error[0]
         return self.runner.totals
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def caught_up(dsn, consumer: str, bootstrap: str, topic: str, timeout: float = 60) -> None:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psycopg
@@ -19,6 +18,7 @@ from relay.redact import Dsn
 from relay.settings import Settings, load_settings
 
 from .conftest import REPO
+from .helpers import wait_for
 
 
 def relay_env(db: Dsn, kafka: str, prefix: str, **overrides) -> dict[str, str]:
@@ -106,16 +106,6 @@ def emit_many(db: Dsn, aggregate_type: str, count: int, *, per_txn: int = 1000, 
                 "SELECT outbox.emit(%s, (i %% 97)::text, 'Load', jsonb_build_object('seq', i, 'pad', repeat('x', %s))) "
                 "FROM generate_series(%s::int, %s::int) i", (aggregate_type, payload_bytes, done, done + n - 1))
             done += n
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def wait_streaming(db: Dsn, relay_id: str | None = None, timeout: float = 30) -> None:

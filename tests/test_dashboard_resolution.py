@@ -12,8 +12,7 @@ from psycopg import sql
 
 from dashboard import actions
 from dashboard.db import DashboardError, connect
-from inbox import Effects, OutcomeUnknown
-from inbox.fake_provider import FakeProvider, ProviderClient
+from inbox import OutcomeUnknown
 from relay.devstack.postgres import EmbeddedPostgres
 from relay.migrate import migrate
 
@@ -21,23 +20,6 @@ from .conftest import TEST_STACK_DIR
 
 REQUEST = {"amount": 2500, "currency": "EUR"}
 ROLE = "outbox_dashboard"
-
-
-@pytest.fixture
-def provider():
-    with FakeProvider() as p:
-        yield p
-
-
-@pytest.fixture
-def client(provider):
-    return ProviderClient(provider.url, timeout_s=0.5)
-
-
-@pytest.fixture
-def effects(db):
-    with Effects(db, lease_s=5, owner="worker-a") as e:
-        yield e
 
 
 def charge(client):

@@ -16,29 +16,11 @@ import pytest
 
 from inbox import (DefiniteFailure, EffectInProgress, EffectMismatch, Effects, OutcomeUnknown, Reconciled,
                    RetryPolicy, process)
-from inbox.fake_provider import FakeProvider, ProviderClient
 
 from .conftest import REPO
 from .inbox_support import Rec, create_business_schema, deposit, headers_for
 
 REQUEST = {"amount": 2500, "currency": "EUR"}
-
-
-@pytest.fixture
-def provider():
-    with FakeProvider(hang_s=2.0) as p:
-        yield p
-
-
-@pytest.fixture
-def client(provider):
-    return ProviderClient(provider.url, timeout_s=0.5)
-
-
-@pytest.fixture
-def effects(db):
-    with Effects(db, lease_s=5, owner="worker-a") as e:
-        yield e
 
 
 def charge(client, amount=2500):
