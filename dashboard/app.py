@@ -32,7 +32,7 @@ def _release(ctx: Context) -> None:
 def _context() -> Context:
     """Shared by every browser session of this process: one database connection, one Kafka client."""
     settings = load_settings()
-    return Context(settings, Database.from_settings(settings), EndOffsets(settings.kafka_bootstrap))
+    return Context(settings, Database.from_settings(settings), EndOffsets(settings.kafka_bootstrap, settings.kafka_security()))
 
 
 def main() -> None:

@@ -78,7 +78,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     from dashboard.db import DashboardError, connect, dashboard_dsn
     from dashboard.kafka_lag import EndOffsets
 
-    ends = EndOffsets(settings.kafka_bootstrap)
+    ends = EndOffsets(settings.kafka_bootstrap, settings.kafka_security())
     try:
         conn = connect(dashboard_dsn(settings), settings.dashboard_role)
     except DashboardError as exc:

@@ -23,8 +23,9 @@ class EndOffsets:
     """One metadata-only Kafka client, reused across refreshes (creating one costs a round trip
     per broker) and recreated after a failure."""
 
-    def __init__(self, bootstrap: str):
+    def __init__(self, bootstrap: str, security: dict | None = None):
         self.bootstrap = bootstrap
+        self.security = security or {}  # Settings.kafka_security()
         self.error: str | None = None  # why the last lookup failed, for the page
         self._consumer: KafkaConsumer | None = None
         self._lock = threading.Lock()
@@ -44,7 +45,7 @@ class EndOffsets:
                     self._consumer = KafkaConsumer(
                         bootstrap_servers=self.bootstrap.split(","), group_id=None, enable_auto_commit=False,
                         client_id="outbox-dashboard", request_timeout_ms=TIMEOUT_MS,
-                        bootstrap_timeout_ms=TIMEOUT_MS, isolation_level="read_committed")
+                        bootstrap_timeout_ms=TIMEOUT_MS, isolation_level="read_committed", **self.security)
                 ends = self._consumer.end_offsets([TopicPartition(t, p) for t, p in partitions],
                                                   timeout_ms=TIMEOUT_MS)
             except Exception as exc:  # noqa: BLE001 - any client failure means "lag unknown", said on the page

@@ -104,6 +104,7 @@ class Runner:
     def from_settings(cls, settings, consumer: str, handler: Handler, **kwargs) -> "Runner":
         kwargs.setdefault("policy", RetryPolicy.from_settings(settings))
         kwargs.setdefault("max_poll_records", settings.inbox_poll_records)
+        kwargs["kafka_config"] = {**settings.kafka_security(), **(kwargs.get("kafka_config") or {})}
         return cls(consumer, handler, dsn=settings.require_database_url(), bootstrap=settings.kafka_servers, **kwargs)
 
     def stop(self) -> None:

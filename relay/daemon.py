@@ -65,7 +65,7 @@ class Relay:
     def run(self) -> int:
         server = serve(self.metrics, self.s.metrics_port)
         log.info("relay %s starting: slot=%s publication=%s delivery=%s kafka=%s database=%s",
-                 self.s.relay_id, self.s.slot_name, self.s.publication, self.s.delivery, self.s.kafka_bootstrap,
+                 self.s.relay_id, self.s.slot_name, self.s.publication, self.s.delivery, self.s.kafka_description,
                  self.dsn)
         backoff = 1.0
         try:
@@ -83,7 +83,9 @@ class Relay:
                 except Fenced as exc:
                     log.warning("another relay took over this slot's Kafka transactions (%s); back to standby", exc)
                 except (Transient, ReplicationError, psycopg.Error, kerr.KafkaError, OSError, TimeoutError) as exc:
-                    message = f"{type(exc).__name__}: {exc}"
+                    message = str(exc)
+                    if not message.startswith(type(exc).__name__):  # kafka-python's errors name themselves
+                        message = f"{type(exc).__name__}: {message}"
                     self.metrics.restarts.inc()
                     self.metrics.last_error = message
                     log.warning("pipeline stopped, restarting from the slot in %.0f s: %s", backoff, message)

@@ -68,7 +68,7 @@ def compression(setting: str) -> str | None:
 
 def producer_config(settings: Settings, transactional_id: str | None = None) -> dict:
     config = dict(
-        bootstrap_servers=settings.kafka_servers,
+        **settings.kafka_client(),
         client_id=f"outbox-relay-{settings.relay_id}",
         acks="all",
         enable_idempotence=True,
@@ -84,6 +84,8 @@ def producer_config(settings: Settings, transactional_id: str | None = None) -> 
         max_block_ms=30_000,
         # kafka-python's internal sensors cost ~5% of send(); the relay exports its own metrics.
         metrics_enabled=False,
+        # Not reaching the brokers is retried by the daemon with backoff; no need to wait 30 s each time.
+        bootstrap_timeout_ms=10_000,
     )
     if transactional_id:
         config.update(transactional_id=transactional_id, transaction_timeout_ms=60_000)
@@ -94,7 +96,10 @@ class Publisher:
     def __init__(self, settings: Settings, transactional_id: str | None = None):
         self.settings = settings
         self.transactional = transactional_id is not None
-        self.producer = KafkaProducer(**producer_config(settings, transactional_id))
+        try:
+            self.producer = KafkaProducer(**producer_config(settings, transactional_id))
+        except kerr.KafkaTimeoutError as exc:
+            raise kerr.KafkaConnectionError(f"cannot reach Kafka: {exc}. {unreachable_hint(settings)}") from None
         self.in_transaction = False
 
     def send(self, topic: str, value: bytes | None, key: bytes, headers: list):
@@ -144,9 +149,19 @@ class Publisher:
             log.warning("closing the Kafka producer: %s", exc)
 
 
+def unreachable_hint(settings: Settings) -> str:
+    s = settings
+    hint = f"Fix: check that a broker listens at {s.kafka_bootstrap} and speaks {s.kafka_security_protocol}"
+    if s.kafka_security_protocol.startswith("SASL"):
+        hint += (f", and that it accepts SASL {s.kafka_sasl_mechanism} for user {s.kafka_sasl_username!r} "
+                 f"(OUTBOX_KAFKA_SASL_USERNAME, OUTBOX_KAFKA_SASL_PASSWORD, OUTBOX_KAFKA_SASL_MECHANISM); "
+                 f"a rejected login is logged by kafka-python as SaslAuthenticationFailedError")
+    return hint + " (OUTBOX_KAFKA_BOOTSTRAP, OUTBOX_KAFKA_SECURITY_PROTOCOL)."
+
+
 def ensure_checkpoint_topic(settings: Settings) -> None:
     """The exactly-once checkpoint topic: one partition, compacted (latest checkpoint per relay)."""
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_servers, client_id="outbox-relay-admin")
+    admin = KafkaAdminClient(**settings.kafka_client(), client_id="outbox-relay-admin")
     try:
         if settings.checkpoint_topic not in admin.list_topics():
             admin.create_topics([NewTopic(settings.checkpoint_topic, 1, 1, topic_configs={
@@ -167,7 +182,7 @@ EOS_UNSAFE = (
 def read_checkpoint(settings: Settings, key: bytes, probe: bytes | None = None, timeout: float = 30) -> dict | None:
     """The last committed checkpoint for `key`, read with read_committed up to the end of the topic.
     Meeting the aborted `probe` record proves the broker unfit for exactly-once (FatalError)."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_servers, group_id=None, enable_auto_commit=False,
+    consumer = KafkaConsumer(**settings.kafka_client(), group_id=None, enable_auto_commit=False,
                              isolation_level="read_committed", auto_offset_reset="earliest",
                              client_id="outbox-relay-checkpoint")
     try:

@@ -1,8 +1,9 @@
 """Keep credentials out of everything a human or a log shipper can read.
 
-A DSN is the one secret every component handles. `Dsn` carries it with a masked `str`/`repr`,
-and `redact()` is the safety net for text we did not build ourselves (driver errors, tracebacks),
-applied by the logging filter installed in `relay.logs`.
+A DSN is the secret every component handles. `Dsn` carries it with a masked `str`/`repr`, and
+`redact()` is the safety net for text we did not build ourselves (driver errors, tracebacks),
+applied by the logging filter installed in `relay.logs`. The Kafka SASL password is held as a
+pydantic SecretStr and registered here, so redact() masks it too.
 """
 
 from __future__ import annotations
@@ -19,10 +20,25 @@ _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<s
 _KV_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<secret>'(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
 
 
+# Secrets that do not sit in a DSN (the Kafka SASL password), registered when settings load.
+_SECRETS: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    """Mask `value` wherever redact() meets it. Very short values are refused: masking every "a"
+    would garble logs and still not protect a password that weak."""
+    if len(value) >= 4:
+        _SECRETS.add(value)
+        _SECRETS.add(repr(value.encode())[2:-1])  # as it shows in a logged bytes repr
+
+
 def redact(text: str) -> str:
-    """Mask every password that looks like part of a DSN in `text`."""
+    """Mask every password that looks like part of a DSN, and every registered secret, in `text`."""
     text = _URL_PASSWORD.sub(lambda m: m.group("head") + MASK + "@", text)
-    return _KV_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
+    text = _KV_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
+    for secret in _SECRETS:
+        text = text.replace(secret, MASK)
+    return text
 
 
 class Dsn:

@@ -14,10 +14,10 @@ import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, PlainSerializer, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, PlainSerializer, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from relay.redact import Dsn, redact
+from relay.redact import Dsn, redact, register_secret
 
 ENV_PREFIX = "OUTBOX_"
 TOPIC_FIELDS = frozenset({"aggregate_type", "event_type"})
@@ -43,6 +43,14 @@ _HINTS: dict[str, str] = {
     "database_url": "set it to a libpq URL such as postgresql://user:password@127.0.0.1:5432/app "
     "(run `outbox dev up` for a local one)",
     "kafka_bootstrap": "set it to a comma-separated list of host:port, e.g. 127.0.0.1:9092",
+    "kafka_security_protocol": "use PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (what the broker's listener speaks)",
+    "kafka_sasl_mechanism": "use PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+    "kafka_sasl_username": "set OUTBOX_KAFKA_SASL_USERNAME and OUTBOX_KAFKA_SASL_PASSWORD, or use a protocol "
+    "without SASL",
+    "kafka_sasl_password": "set OUTBOX_KAFKA_SASL_USERNAME and OUTBOX_KAFKA_SASL_PASSWORD, or use a protocol "
+    "without SASL",
+    "kafka_ssl_cafile": "point it to the PEM file of the CA that signed the brokers' certificates, or unset it "
+    "to use the system's CAs",
     "delivery": "use at-least-once (default) or exactly-once",
     "slot_name": "use lower-case letters, digits and underscores, at most 63 characters, e.g. outbox_relay",
     "publication": "use lower-case letters, digits and underscores, at most 63 characters, e.g. outbox_events",
@@ -74,6 +82,12 @@ class Settings(BaseSettings):
     # --- connections
     database_url: DsnSetting = None
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # Every Kafka client (relay, inbox, dashboard) connects with these.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
 
     # --- relay
     delivery: Literal["at-least-once", "exactly-once"] = "at-least-once"
@@ -136,6 +150,23 @@ class Settings(BaseSettings):
                 raise ValueError(f"{server!r} is not host:port")
         return ",".join(servers)
 
+    @field_validator("kafka_sasl_username", "kafka_sasl_password")
+    @classmethod
+    def _sasl_credentials(cls, value: Any, info: ValidationInfo) -> Any:
+        protocol = info.data.get("kafka_security_protocol", "")
+        if protocol.startswith("SASL") and not (value.get_secret_value() if isinstance(value, SecretStr) else value):
+            raise ValueError(f"is required with OUTBOX_KAFKA_SECURITY_PROTOCOL={protocol}")
+        if isinstance(value, SecretStr):
+            register_secret(value.get_secret_value())  # masked in every log line from now on
+        return value
+
+    @field_validator("kafka_ssl_cafile")
+    @classmethod
+    def _cafile(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{str(value)!r} is not a readable file")
+        return value
+
     @field_validator("slot_name", "publication")
     @classmethod
     def _identifier(cls, value: str) -> str:
@@ -164,6 +195,28 @@ class Settings(BaseSettings):
     @property
     def kafka_servers(self) -> list[str]:
         return self.kafka_bootstrap.split(",")
+
+    def kafka_security(self) -> dict[str, Any]:
+        """kafka-python options for authentication and encryption, the same for every client."""
+        options: dict[str, Any] = {"security_protocol": self.kafka_security_protocol}
+        if self.kafka_security_protocol.startswith("SASL"):
+            options.update(sasl_mechanism=self.kafka_sasl_mechanism, sasl_plain_username=self.kafka_sasl_username,
+                           sasl_plain_password=self.kafka_sasl_password.get_secret_value())
+        if self.kafka_security_protocol.endswith("SSL") and self.kafka_ssl_cafile is not None:
+            options["ssl_cafile"] = str(self.kafka_ssl_cafile)
+        return options
+
+    @property
+    def kafka_description(self) -> str:
+        """Where and how the Kafka clients connect, for logs (never the password)."""
+        how = self.kafka_security_protocol
+        if how.startswith("SASL"):
+            how += f", {self.kafka_sasl_mechanism} as {self.kafka_sasl_username!r}"
+        return f"{self.kafka_bootstrap} ({how})"
+
+    def kafka_client(self) -> dict[str, Any]:
+        """bootstrap_servers plus kafka_security(): what every KafkaProducer/Consumer/AdminClient gets."""
+        return {"bootstrap_servers": self.kafka_servers, **self.kafka_security()}
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -143,3 +143,48 @@ def test_cli_connection_failure_is_one_line_without_the_password(tmp_path):
     assert result.returncode == 1
     assert "outbox migrate: error:" in result.stderr and "Connection refused" in result.stderr
     assert SECRET not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sasl_without_credentials_names_both_variables(monkeypatch):
+    monkeypatch.setenv("OUTBOX_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("OUTBOX_KAFKA_SASL_USERNAME", "relay")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert str(err.value) == (
+        "invalid configuration:\n"
+        "  OUTBOX_KAFKA_SASL_PASSWORD=None: is required with OUTBOX_KAFKA_SECURITY_PROTOCOL=SASL_SSL. "
+        "Fix: set OUTBOX_KAFKA_SASL_USERNAME and OUTBOX_KAFKA_SASL_PASSWORD, or use a protocol without SASL.")
+    monkeypatch.setenv("OUTBOX_KAFKA_SECURITY_PROTOCOL", "SASL")
+    with pytest.raises(ConfigError, match="OUTBOX_KAFKA_SECURITY_PROTOCOL='SASL'.*Fix: use PLAINTEXT, SSL, "):
+        load_settings()
+
+
+def test_missing_ca_file_is_named(monkeypatch, tmp_path):
+    monkeypatch.setenv("OUTBOX_KAFKA_SECURITY_PROTOCOL", "SSL")
+    monkeypatch.setenv("OUTBOX_KAFKA_SSL_CAFILE", str(tmp_path / "nope.pem"))
+    with pytest.raises(ConfigError, match=r"OUTBOX_KAFKA_SSL_CAFILE=.*nope.pem.*is not a readable file"):
+        load_settings()
+
+
+def test_sasl_password_is_masked_everywhere_and_reaches_every_kafka_client(monkeypatch, tmp_path):
+    password = "k4fka-Pa55'word"
+    monkeypatch.setenv("OUTBOX_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("OUTBOX_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("OUTBOX_KAFKA_SASL_USERNAME", "relay")
+    monkeypatch.setenv("OUTBOX_KAFKA_SASL_PASSWORD", password)
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setenv("OUTBOX_KAFKA_SSL_CAFILE", str(tmp_path / "ca.pem"))
+    s = load_settings()
+    assert s.kafka_client() == {
+        "bootstrap_servers": ["127.0.0.1:9092"], "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "relay", "sasl_plain_password": password, "ssl_cafile": str(tmp_path / "ca.pem")}
+    assert s.kafka_description == "127.0.0.1:9092 (SASL_SSL, SCRAM-SHA-512 as 'relay')"
+    for text in (repr(s), str(s.model_dump()), s.model_dump_json()):
+        assert password not in text
+    # kafka-python logs SASL frames as bytes reprs at DEBUG level: both forms are masked.
+    frame = f"SaslAuthenticateRequest(auth_bytes={(b'relay' + bytes(1) + password.encode())!r})"
+    assert "k4fka" not in redact(f"login with {password} failed; {frame}")
+
+
+def test_plaintext_clients_get_no_security_options():
+    assert load_settings().kafka_security() == {"security_protocol": "PLAINTEXT"}

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import uuid
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,8 +109,9 @@ def find_java() -> str | None:
     return None
 
 
-def broker_answers(bootstrap: str) -> bool:
-    """True once the broker serves a metadata request (a TCP accept alone is not enough)."""
+def broker_answers(bootstrap: str, **client: Any) -> bool:
+    """True once the broker serves a metadata request (a TCP accept alone is not enough).
+    `client`: extra kafka-python options, e.g. SASL credentials."""
     host, _, port = bootstrap.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=0.5):
@@ -122,7 +124,7 @@ def broker_answers(bootstrap: str) -> bool:
     quiet = logging.getLogger("kafka")
     level, quiet.level = quiet.level, logging.CRITICAL
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000, **client)
         try:
             admin.list_topics()
             return True
@@ -141,6 +143,7 @@ class Broker:
 
     kind = ""
     name = ""
+    client: dict[str, Any] = {}  # kafka-python options a client needs besides the address
 
     def __init__(self, root: Path):
         self.root = root.absolute()
@@ -166,7 +169,7 @@ class Broker:
         if running is None:
             self._stop_orphan()
         else:
-            wait_until(lambda: broker_answers(f"127.0.0.1:{port}"), timeout, f"{self.name} (already running)",
+            wait_until(lambda: broker_answers(f"127.0.0.1:{port}", **self.client), timeout, f"{self.name} (already running)",
                        running.is_running, self.log)
             return pid, port
         self.root.mkdir(parents=True, exist_ok=True)
@@ -178,7 +181,7 @@ class Broker:
                                     cwd=self.root, start_new_session=True)  # survives the CLI and its Ctrl-C
         log = self.log if self.log.exists() else self.root / "stdout.log"
         try:
-            took = wait_until(lambda: broker_answers(f"127.0.0.1:{port}"), timeout, self.name,
+            took = wait_until(lambda: broker_answers(f"127.0.0.1:{port}", **self.client), timeout, self.name,
                               lambda: proc.poll() is None, log)
         except BaseException:
             proc.kill()  # never leave a half-started broker behind
@@ -213,9 +216,18 @@ class ApacheKafka(Broker):
     kind = "apache"
     name = "Apache Kafka"
 
-    def __init__(self, root: Path, version: str, cache_dir: Path | None, repo: str, java: str):
+    def __init__(self, root: Path, version: str, cache_dir: Path | None, repo: str, java: str,
+                 sasl_users: dict[str, str] | None = None):
+        """sasl_users: {user: password} turns the client listener into SASL_PLAINTEXT (mechanism PLAIN)
+        with Kafka's StandardAuthorizer: the first user is a super user, every other one may do only
+        what ACLs grant. Used to test authentication and authorization; `outbox dev up` runs without."""
         super().__init__(root)
         self._version = version
+        self.sasl_users = sasl_users
+        if sasl_users:
+            admin, password = next(iter(sasl_users.items()))
+            self.client = {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN",
+                           "sasl_plain_username": admin, "sasl_plain_password": password}
         self.cache_dir = cache_dir
         self.repo = repo
         self.java = java
@@ -242,16 +254,37 @@ class ApacheKafka(Broker):
                 "-cp", str(libs / "*"), "kafka.Kafka", str(self.config)]
 
     def _write_config(self, port: int, controller_port: int) -> None:
+        protocol = "SASL_PLAINTEXT" if self.sasl_users else "PLAINTEXT"
         props = {
             **BROKER_PROPERTIES,
             # Static voters (not --standalone) so the controller port may change between restarts.
             "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+            "listeners": f"{protocol}://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+            "advertised.listeners": f"{protocol}://127.0.0.1:{port}",
             "log.dirs": str(self.data),
         }
+        if self.sasl_users:
+            props.update(self._sasl_properties())
         self.config.write_text("# written by `outbox dev up`\n" + "".join(f"{k}={v}\n" for k, v in props.items()))
         (self.root / "log4j2.properties").write_text(LOG4J.format(log=self.log))
+
+    def _sasl_properties(self) -> dict[str, str]:
+        users = " ".join(f'user_{name}="{password}"' for name, password in self.sasl_users.items())
+        admin, password = next(iter(self.sasl_users.items()))
+        return {
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
+            "inter.broker.listener.name": "SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms": "PLAIN",
+            "sasl.mechanism.inter.broker.protocol": "PLAIN",
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config":
+                "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                f'username="{admin}" password="{password}" {users};',
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            # The controller listener is loopback PLAINTEXT in this single-node dev setup; the node
+            # talks to itself there as ANONYMOUS.
+            "super.users": f"User:{admin};User:ANONYMOUS",
+            "allow.everyone.if.no.acl.found": "false",
+        }
 
     def _format(self, libs: Path) -> None:
         shutil.rmtree(self.data, ignore_errors=True)  # a format interrupted half-way is redone from scratch

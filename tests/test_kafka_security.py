@@ -1,0 +1,120 @@
+"""Kafka with authentication and authorization: a SASL_PLAINTEXT Apache Kafka broker with
+StandardAuthorizer ACLs. The relay, the inbox and the dashboard connect with OUTBOX_KAFKA_*
+credentials; a topic the relay may not write is dead-lettered (reason authorization) while the
+rest flows; a wrong password is reported with the fix; no password ever reaches a log."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from kafka import KafkaAdminClient, KafkaConsumer
+from kafka.admin import (
+    ACL, ACLOperation, ACLPermissionType, ACLResourcePatternType, NewTopic, ResourcePattern, ResourceType,
+)
+
+from dashboard.kafka_lag import EndOffsets
+from inbox import Runner
+from relay.devstack.kafka import ApacheKafka, find_java
+from relay.settings import load_settings
+
+from .conftest import TEST_STACK_DIR
+from .helpers import wait_for
+from .inbox_support import Background
+from .relay_support import RelayThread, emit, query, relay_env, relay_process, relay_settings, sigterm, wait_streaming
+
+ADMIN_PASSWORD = "admin-Pa55-9f3k"
+RELAY_PASSWORD = "relay-Pa55-x7Qz"
+APP_PASSWORD = "app-Pa55-m2Lw"
+
+
+@pytest.fixture(scope="module")
+def sasl_kafka(stack):
+    """A broker of this module's own. ACLs: `relay` may describe and write topics starting with
+    "ok."; `app` may read them in groups starting with "app-". Nothing else is allowed."""
+    broker = ApacheKafka(TEST_STACK_DIR / f"kafka-sasl-{time.time_ns()}", "4.1.1", None,
+                         "https://repo1.maven.org/maven2", find_java(),
+                         sasl_users={"admin": ADMIN_PASSWORD, "relay": RELAY_PASSWORD, "app": APP_PASSWORD})
+    pid, port = broker.start(None, None)
+    bootstrap = f"127.0.0.1:{port}"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **broker.client)
+    ok_topics = ResourcePattern(ResourceType.TOPIC, "ok.", ACLResourcePatternType.PREFIXED)
+    acls = [ACL("User:relay", "*", op, ACLPermissionType.ALLOW, ok_topics)
+            for op in (ACLOperation.DESCRIBE, ACLOperation.WRITE)]
+    acls += [ACL("User:app", "*", ACLOperation.READ, ACLPermissionType.ALLOW, ok_topics),
+             ACL("User:app", "*", ACLOperation.READ, ACLPermissionType.ALLOW,
+                 ResourcePattern(ResourceType.GROUP, "app-", ACLResourcePatternType.PREFIXED))]
+    assert admin.create_acls(acls)["failed"] == []
+    yield bootstrap, admin
+    admin.close()
+    broker.stop(pid, port)
+
+
+def sasl(user: str, password: str) -> dict[str, str]:
+    return {"kafka_security_protocol": "SASL_PLAINTEXT", "kafka_sasl_mechanism": "PLAIN",
+            "kafka_sasl_username": user, "kafka_sasl_password": password}
+
+
+def test_relay_inbox_and_dashboard_over_sasl_with_a_forbidden_topic_dead_lettered(db, sasl_kafka, topic_prefix,
+                                                                                   tmp_path):
+    bootstrap, admin = sasl_kafka
+    allowed, forbidden = f"ok.{topic_prefix}", f"no.{topic_prefix}"
+    admin.create_topics([NewTopic(allowed, 1, 1), NewTopic(forbidden, 1, 1)])
+    env = relay_env(db, bootstrap, topic_prefix, topic_template="{aggregate_type}." + topic_prefix,
+                    log_level="DEBUG", **sasl("relay", RELAY_PASSWORD))
+    log = tmp_path / "relay.log"
+    proc = relay_process(env, log)
+    try:
+        wait_streaming(db)
+        ids = emit(db, [("ok", "1", "Placed", {"n": 1}, {}), ("no", "1", "Placed", {"n": 2}, {}),
+                        ("ok", "1", "Placed", {"n": 3}, {})])
+        wait_for(lambda: query(db, "SELECT events_published, events_dead_lettered FROM outbox.relay_status")
+                 == [(2, 1)], 60, "two published, one dead-lettered")
+    finally:
+        assert sigterm(proc) == 0, log.read_text()[-3000:]
+    dead = query(db, "SELECT event_id::text, reason, error FROM outbox.relay_dead_letters")
+    assert [(d[0], d[1]) for d in dead] == [(ids[1], "authorization")]
+    assert "TopicAuthorizationFailedError" in dead[0][2] and "Fix: grant the relay's principal WRITE" in dead[0][2]
+
+    # The inbox consumes as `app`, with the same OUTBOX_KAFKA_* settings mechanism.
+    settings = load_settings(_env_file=None, database_url=db.secret(), kafka_bootstrap=bootstrap,
+                             **sasl("app", APP_PASSWORD))
+    seen = []
+    runner = Runner.from_settings(settings, "app-billing", lambda conn, msg: seen.append(json.loads(msg.value)["n"]),
+                                  topics=[allowed], poll_timeout_s=0.2)
+    background = Background(runner)
+    wait_for(lambda: len(seen) >= 2, 60, "the inbox to consume over SASL")
+    background.stop()
+    assert seen == [1, 3]
+
+    ends = EndOffsets(bootstrap, settings.kafka_security())
+    assert ends.fetch([(allowed, 0)]) == {(allowed, 0): 2}, ends.error
+
+    text = log.read_text()
+    assert "(SASL_PLAINTEXT, PLAIN as 'relay')" in text
+    for password in (RELAY_PASSWORD, ADMIN_PASSWORD, APP_PASSWORD):
+        assert password not in text
+
+
+def test_a_wrong_password_is_reported_with_the_fix_and_nothing_is_acknowledged(db, sasl_kafka, topic_prefix,
+                                                                             caplog):
+    bootstrap, _ = sasl_kafka
+    wrong = "not-the-Pa55word"
+    settings = relay_settings(db, bootstrap, topic_prefix, **sasl("relay", wrong))
+    with RelayThread(settings):
+        emit(db, [("ok", "1", "Placed", {"n": 1}, {})])
+        error = wait_for(lambda: query(db, "SELECT last_error FROM outbox.relay_status WHERE last_error IS NOT NULL"),
+                         60, "the relay to record why it cannot publish")[0][0]
+    assert error.startswith("KafkaConnectionError: cannot reach Kafka: KafkaTimeoutError: Unable to bootstrap")
+    assert "accepts SASL PLAIN for user 'relay' (OUTBOX_KAFKA_SASL_USERNAME, OUTBOX_KAFKA_SASL_PASSWORD" in error
+    assert wrong not in error and wrong not in caplog.text
+    assert query(db, "SELECT events_published FROM outbox.relay_status") == [(0,)]
+    assert query(db, "SELECT count(*) FROM outbox.relay_dead_letters") == [(0,)]
+
+
+def test_a_client_without_credentials_sees_nothing(sasl_kafka):
+    """The broker really enforces authentication (the tests above would pass on an open one)."""
+    bootstrap, _ = sasl_kafka
+    with pytest.raises(Exception, match="Unable to bootstrap|NoBrokersAvailable"):
+        KafkaConsumer(bootstrap_servers=bootstrap, bootstrap_timeout_ms=3000, request_timeout_ms=3000)
