@@ -8,14 +8,15 @@ from kafka import KafkaConsumer
 
 
 def read_topic(bootstrap: str, *topics: str, expect: int, isolation: str = "read_uncommitted",
-               timeout: float = 60, settle: float = 1.0, pattern: str | None = None) -> list:
+               timeout: float = 60, settle: float = 1.0, pattern: str | None = None, **client) -> list:
     """Every record of `topics` (or topics matching `pattern`) from the beginning.
 
     Returns as soon as `expect` records arrived plus `settle` seconds more, so that a duplicate
     or an unexpected extra record is still caught without waiting for a long idle timeout.
+    `client`: more KafkaConsumer options (credentials).
     """
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False,
-                             isolation_level=isolation, group_id=None, metadata_max_age_ms=1000)
+                             isolation_level=isolation, group_id=None, metadata_max_age_ms=1000, **client)
     if pattern:
         consumer.subscribe(pattern=pattern)
     else:

@@ -20,7 +20,7 @@ from relay.devstack.kafka import ApacheKafka, find_java
 from relay.settings import load_settings
 
 from .conftest import TEST_STACK_DIR
-from .helpers import wait_for
+from .helpers import read_topic, wait_for
 from .inbox_support import Background
 from .relay_support import RelayThread, emit, query, relay_env, relay_process, relay_settings, sigterm, wait_streaming
 
@@ -32,7 +32,8 @@ APP_PASSWORD = "app-Pa55-m2Lw"
 @pytest.fixture(scope="module")
 def sasl_kafka(stack):
     """A broker of this module's own. ACLs: `relay` may describe and write topics starting with
-    "ok."; `app` may read them in groups starting with "app-". Nothing else is allowed."""
+    "ok.", use checkpoint topics starting with "ckpt." and transactional ids of relays; `app` may
+    read "ok." topics in groups starting with "app-". Nothing else is allowed."""
     broker = ApacheKafka(TEST_STACK_DIR / f"kafka-sasl-{time.time_ns()}", "4.1.1", None,
                          "https://repo1.maven.org/maven2", find_java(),
                          sasl_users={"admin": ADMIN_PASSWORD, "relay": RELAY_PASSWORD, "app": APP_PASSWORD})
@@ -42,6 +43,12 @@ def sasl_kafka(stack):
     ok_topics = ResourcePattern(ResourceType.TOPIC, "ok.", ACLResourcePatternType.PREFIXED)
     acls = [ACL("User:relay", "*", op, ACLPermissionType.ALLOW, ok_topics)
             for op in (ACLOperation.DESCRIBE, ACLOperation.WRITE)]
+    acls += [ACL("User:relay", "*", op, ACLPermissionType.ALLOW,
+                 ResourcePattern(ResourceType.TOPIC, "ckpt.", ACLResourcePatternType.PREFIXED))
+             for op in (ACLOperation.DESCRIBE, ACLOperation.CREATE, ACLOperation.READ, ACLOperation.WRITE)]
+    acls += [ACL("User:relay", "*", op, ACLPermissionType.ALLOW,
+                 ResourcePattern(ResourceType.TRANSACTIONAL_ID, "outbox-relay-", ACLResourcePatternType.PREFIXED))
+             for op in (ACLOperation.DESCRIBE, ACLOperation.WRITE)]
     acls += [ACL("User:app", "*", ACLOperation.READ, ACLPermissionType.ALLOW, ok_topics),
              ACL("User:app", "*", ACLOperation.READ, ACLPermissionType.ALLOW,
                  ResourcePattern(ResourceType.GROUP, "app-", ACLResourcePatternType.PREFIXED))]
@@ -95,6 +102,25 @@ def test_relay_inbox_and_dashboard_over_sasl_with_a_forbidden_topic_dead_lettere
     assert "(SASL_PLAINTEXT, PLAIN as 'relay')" in text
     for password in (RELAY_PASSWORD, ADMIN_PASSWORD, APP_PASSWORD):
         assert password not in text
+
+
+def test_exactly_once_over_sasl_with_the_documented_acls(db, sasl_kafka, topic_prefix):
+    """The ACLs docs/relay.md lists for exactly-once mode are enough: checkpoint topic (created by
+    the relay), transactional id, and the event topics."""
+    bootstrap, admin = sasl_kafka
+    topic = f"ok.{topic_prefix}"
+    admin.create_topics([NewTopic(topic, 1, 1)])
+    settings = relay_settings(db, bootstrap, topic_prefix, delivery="exactly-once",
+                              topic_template="{aggregate_type}." + topic_prefix,
+                              checkpoint_topic=f"ckpt.{topic_prefix}", **sasl("relay", RELAY_PASSWORD))
+    with RelayThread(settings):
+        wait_streaming(db)
+        ids = emit(db, [("ok", str(i), "Placed", {"n": i}, {}) for i in range(3)])
+        wait_for(lambda: query(db, "SELECT events_published FROM outbox.relay_status") == [(3,)], 60, "published")
+    records = read_topic(bootstrap, topic, expect=3, isolation="read_committed",
+                         **{"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN",
+                            "sasl_plain_username": "admin", "sasl_plain_password": ADMIN_PASSWORD})
+    assert [dict(r.headers)["event_id"].decode() for r in records] == ids
 
 
 def test_a_wrong_password_is_reported_with_the_fix_and_nothing_is_acknowledged(db, sasl_kafka, topic_prefix,
