@@ -1,12 +1,15 @@
-"""Kafka with authentication and authorization: a SASL_PLAINTEXT Apache Kafka broker with
-StandardAuthorizer ACLs. The relay, the inbox and the dashboard connect with OUTBOX_KAFKA_*
-credentials; a topic the relay may not write is dead-lettered (reason authorization) while the
-rest flows; a wrong password is reported with the fix; no password ever reaches a log."""
+"""Kafka with encryption, authentication and authorization: a SASL_SSL Apache Kafka broker (its
+certificate signed by a CA made here) with StandardAuthorizer ACLs. The relay, the inbox and the
+dashboard connect with OUTBOX_KAFKA_* settings; a topic the relay may not write is dead-lettered
+(reason authorization) while the rest flows; a wrong password is reported with the fix; no
+password ever reaches a log; a client that does not trust the CA gets nowhere."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer
@@ -29,14 +32,35 @@ RELAY_PASSWORD = "relay-Pa55-x7Qz"
 APP_PASSWORD = "app-Pa55-m2Lw"
 
 
+def make_certificates(directory: Path) -> tuple[Path, Path]:
+    """(broker key + certificate PEM, CA PEM): a throw-away CA and a certificate for 127.0.0.1."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=outbox test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out", "broker.csr",
+            "-subj", "/CN=127.0.0.1")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "broker.crt", "-days", "2", "-extfile", "san.ext")
+    keystore = directory / "broker-keystore.pem"
+    keystore.write_text((directory / "broker.key").read_text() + (directory / "broker.crt").read_text())
+    return keystore, directory / "ca.pem"
+
+
 @pytest.fixture(scope="module")
 def sasl_kafka(stack):
     """A broker of this module's own. ACLs: `relay` may describe and write topics starting with
     "ok.", use checkpoint topics starting with "ckpt." and transactional ids of relays; `app` may
     read "ok." topics in groups starting with "app-". Nothing else is allowed."""
-    broker = ApacheKafka(TEST_STACK_DIR / f"kafka-sasl-{time.time_ns()}", "4.1.1", None,
-                         "https://repo1.maven.org/maven2", find_java(),
-                         sasl_users={"admin": ADMIN_PASSWORD, "relay": RELAY_PASSWORD, "app": APP_PASSWORD})
+    root = TEST_STACK_DIR / f"kafka-sasl-{time.time_ns()}"
+    keystore, ca = make_certificates(root / "tls")
+    broker = ApacheKafka(root, "4.1.1", None, "https://repo1.maven.org/maven2", find_java(),
+                         sasl_users={"admin": ADMIN_PASSWORD, "relay": RELAY_PASSWORD, "app": APP_PASSWORD},
+                         tls=(keystore, ca))
     pid, port = broker.start(None, None)
     bootstrap = f"127.0.0.1:{port}"
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, **broker.client)
@@ -53,23 +77,23 @@ def sasl_kafka(stack):
              ACL("User:app", "*", ACLOperation.READ, ACLPermissionType.ALLOW,
                  ResourcePattern(ResourceType.GROUP, "app-", ACLResourcePatternType.PREFIXED))]
     assert admin.create_acls(acls)["failed"] == []
-    yield bootstrap, admin
+    yield bootstrap, admin, ca
     admin.close()
     broker.stop(pid, port)
 
 
-def sasl(user: str, password: str) -> dict[str, str]:
-    return {"kafka_security_protocol": "SASL_PLAINTEXT", "kafka_sasl_mechanism": "PLAIN",
-            "kafka_sasl_username": user, "kafka_sasl_password": password}
+def sasl(user: str, password: str, ca: Path) -> dict[str, str]:
+    return {"kafka_security_protocol": "SASL_SSL", "kafka_sasl_mechanism": "PLAIN", "kafka_sasl_username": user,
+            "kafka_sasl_password": password, "kafka_ssl_cafile": str(ca)}
 
 
 def test_relay_inbox_and_dashboard_over_sasl_with_a_forbidden_topic_dead_lettered(db, sasl_kafka, topic_prefix,
                                                                                    tmp_path):
-    bootstrap, admin = sasl_kafka
+    bootstrap, admin, ca = sasl_kafka
     allowed, forbidden = f"ok.{topic_prefix}", f"no.{topic_prefix}"
     admin.create_topics([NewTopic(allowed, 1, 1), NewTopic(forbidden, 1, 1)])
     env = relay_env(db, bootstrap, topic_prefix, topic_template="{aggregate_type}." + topic_prefix,
-                    log_level="DEBUG", **sasl("relay", RELAY_PASSWORD))
+                    log_level="DEBUG", **sasl("relay", RELAY_PASSWORD, ca))
     log = tmp_path / "relay.log"
     proc = relay_process(env, log)
     try:
@@ -86,7 +110,7 @@ def test_relay_inbox_and_dashboard_over_sasl_with_a_forbidden_topic_dead_lettere
 
     # The inbox consumes as `app`, with the same OUTBOX_KAFKA_* settings mechanism.
     settings = load_settings(_env_file=None, database_url=db.secret(), kafka_bootstrap=bootstrap,
-                             **sasl("app", APP_PASSWORD))
+                             **sasl("app", APP_PASSWORD, ca))
     seen = []
     runner = Runner.from_settings(settings, "app-billing", lambda conn, msg: seen.append(json.loads(msg.value)["n"]),
                                   topics=[allowed], poll_timeout_s=0.2)
@@ -99,7 +123,7 @@ def test_relay_inbox_and_dashboard_over_sasl_with_a_forbidden_topic_dead_lettere
     assert ends.fetch([(allowed, 0)]) == {(allowed, 0): 2}, ends.error
 
     text = log.read_text()
-    assert "(SASL_PLAINTEXT, PLAIN as 'relay')" in text
+    assert "(SASL_SSL, PLAIN as 'relay')" in text
     for password in (RELAY_PASSWORD, ADMIN_PASSWORD, APP_PASSWORD):
         assert password not in text
 
@@ -107,27 +131,26 @@ def test_relay_inbox_and_dashboard_over_sasl_with_a_forbidden_topic_dead_lettere
 def test_exactly_once_over_sasl_with_the_documented_acls(db, sasl_kafka, topic_prefix):
     """The ACLs docs/relay.md lists for exactly-once mode are enough: checkpoint topic (created by
     the relay), transactional id, and the event topics."""
-    bootstrap, admin = sasl_kafka
+    bootstrap, admin, ca = sasl_kafka
     topic = f"ok.{topic_prefix}"
     admin.create_topics([NewTopic(topic, 1, 1)])
     settings = relay_settings(db, bootstrap, topic_prefix, delivery="exactly-once",
                               topic_template="{aggregate_type}." + topic_prefix,
-                              checkpoint_topic=f"ckpt.{topic_prefix}", **sasl("relay", RELAY_PASSWORD))
+                              checkpoint_topic=f"ckpt.{topic_prefix}", **sasl("relay", RELAY_PASSWORD, ca))
     with RelayThread(settings):
         wait_streaming(db)
         ids = emit(db, [("ok", str(i), "Placed", {"n": i}, {}) for i in range(3)])
         wait_for(lambda: query(db, "SELECT events_published FROM outbox.relay_status") == [(3,)], 60, "published")
     records = read_topic(bootstrap, topic, expect=3, isolation="read_committed",
-                         **{"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN",
-                            "sasl_plain_username": "admin", "sasl_plain_password": ADMIN_PASSWORD})
+                         **admin_client(ca))
     assert [dict(r.headers)["event_id"].decode() for r in records] == ids
 
 
 def test_a_wrong_password_is_reported_with_the_fix_and_nothing_is_acknowledged(db, sasl_kafka, topic_prefix,
                                                                              caplog):
-    bootstrap, _ = sasl_kafka
+    bootstrap, _, ca = sasl_kafka
     wrong = "not-the-Pa55word"
-    settings = relay_settings(db, bootstrap, topic_prefix, **sasl("relay", wrong))
+    settings = relay_settings(db, bootstrap, topic_prefix, **sasl("relay", wrong, ca))
     with RelayThread(settings):
         emit(db, [("ok", "1", "Placed", {"n": 1}, {})])
         error = wait_for(lambda: query(db, "SELECT last_error FROM outbox.relay_status WHERE last_error IS NOT NULL"),
@@ -139,8 +162,22 @@ def test_a_wrong_password_is_reported_with_the_fix_and_nothing_is_acknowledged(d
     assert query(db, "SELECT count(*) FROM outbox.relay_dead_letters") == [(0,)]
 
 
-def test_a_client_without_credentials_sees_nothing(sasl_kafka):
-    """The broker really enforces authentication (the tests above would pass on an open one)."""
-    bootstrap, _ = sasl_kafka
-    with pytest.raises(Exception, match="Unable to bootstrap|NoBrokersAvailable"):
-        KafkaConsumer(bootstrap_servers=bootstrap, bootstrap_timeout_ms=3000, request_timeout_ms=3000)
+def admin_client(ca: Path) -> dict[str, str]:
+    return {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_plain_username": "admin",
+            "sasl_plain_password": ADMIN_PASSWORD, "ssl_cafile": str(ca)}
+
+
+@pytest.mark.parametrize("drop", ["credentials", "trust in the CA", "TLS"])
+def test_a_client_missing_any_part_gets_nowhere(sasl_kafka, drop):
+    """The broker really enforces each part (the tests above would also pass on an open broker)."""
+    bootstrap, _, ca = sasl_kafka
+    options = admin_client(ca)
+    if drop == "credentials":
+        options = {"security_protocol": "SSL", "ssl_cafile": str(ca)}
+    elif drop == "trust in the CA":
+        del options["ssl_cafile"]  # the system's CAs never signed our broker
+    else:
+        options["security_protocol"] = "SASL_PLAINTEXT"
+    with pytest.raises(Exception, match="Unable to bootstrap"):
+        KafkaConsumer(bootstrap_servers=bootstrap, bootstrap_timeout_ms=3000, request_timeout_ms=3000, **options)
+    KafkaConsumer(bootstrap_servers=bootstrap, bootstrap_timeout_ms=3000, **admin_client(ca)).close()

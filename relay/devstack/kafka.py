@@ -217,17 +217,24 @@ class ApacheKafka(Broker):
     name = "Apache Kafka"
 
     def __init__(self, root: Path, version: str, cache_dir: Path | None, repo: str, java: str,
-                 sasl_users: dict[str, str] | None = None):
-        """sasl_users: {user: password} turns the client listener into SASL_PLAINTEXT (mechanism PLAIN)
-        with Kafka's StandardAuthorizer: the first user is a super user, every other one may do only
-        what ACLs grant. Used to test authentication and authorization; `outbox dev up` runs without."""
+                 sasl_users: dict[str, str] | None = None, tls: tuple[Path, Path] | None = None):
+        """For tests of authentication and authorization (`outbox dev up` runs without either):
+        sasl_users  {user: password}: SASL PLAIN on the client listener with Kafka's StandardAuthorizer;
+                    the first user is a super user, every other one may do only what ACLs grant.
+        tls         (PEM with the broker's unencrypted PKCS#8 key and certificate chain, PEM of the CA
+                    that signed it): the client listener speaks TLS."""
         super().__init__(root)
         self._version = version
         self.sasl_users = sasl_users
+        self.tls = tls
+        self.protocol = ("SASL_" if sasl_users else "") + ("SSL" if tls else "PLAINTEXT")
+        client: dict[str, Any] = {}
         if sasl_users:
             admin, password = next(iter(sasl_users.items()))
-            self.client = {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN",
-                           "sasl_plain_username": admin, "sasl_plain_password": password}
+            client.update(sasl_mechanism="PLAIN", sasl_plain_username=admin, sasl_plain_password=password)
+        if tls:
+            client["ssl_cafile"] = str(tls[1])
+        self.client = {"security_protocol": self.protocol, **client} if client else {}
         self.cache_dir = cache_dir
         self.repo = repo
         self.java = java
@@ -254,7 +261,7 @@ class ApacheKafka(Broker):
                 "-cp", str(libs / "*"), "kafka.Kafka", str(self.config)]
 
     def _write_config(self, port: int, controller_port: int) -> None:
-        protocol = "SASL_PLAINTEXT" if self.sasl_users else "PLAINTEXT"
+        protocol = self.protocol
         props = {
             **BROKER_PROPERTIES,
             # Static voters (not --standalone) so the controller port may change between restarts.
@@ -263,28 +270,36 @@ class ApacheKafka(Broker):
             "advertised.listeners": f"{protocol}://127.0.0.1:{port}",
             "log.dirs": str(self.data),
         }
-        if self.sasl_users:
-            props.update(self._sasl_properties())
+        if protocol != "PLAINTEXT":
+            props.update(self._security_properties())
         self.config.write_text("# written by `outbox dev up`\n" + "".join(f"{k}={v}\n" for k, v in props.items()))
         (self.root / "log4j2.properties").write_text(LOG4J.format(log=self.log))
 
-    def _sasl_properties(self) -> dict[str, str]:
-        users = " ".join(f'user_{name}="{password}"' for name, password in self.sasl_users.items())
-        admin, password = next(iter(self.sasl_users.items()))
-        return {
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
-            "inter.broker.listener.name": "SASL_PLAINTEXT",
-            "sasl.enabled.mechanisms": "PLAIN",
-            "sasl.mechanism.inter.broker.protocol": "PLAIN",
-            "listener.name.sasl_plaintext.plain.sasl.jaas.config":
-                "org.apache.kafka.common.security.plain.PlainLoginModule required "
-                f'username="{admin}" password="{password}" {users};',
-            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
-            # The controller listener is loopback PLAINTEXT in this single-node dev setup; the node
-            # talks to itself there as ANONYMOUS.
-            "super.users": f"User:{admin};User:ANONYMOUS",
-            "allow.everyone.if.no.acl.found": "false",
+    def _security_properties(self) -> dict[str, str]:
+        protocol = self.protocol
+        props = {
+            "listener.security.protocol.map": f"CONTROLLER:PLAINTEXT,{protocol}:{protocol}",
+            "inter.broker.listener.name": protocol,
         }
+        if self.tls:
+            props.update({"ssl.keystore.type": "PEM", "ssl.keystore.location": str(self.tls[0]),
+                          "ssl.truststore.type": "PEM", "ssl.truststore.location": str(self.tls[1])})
+        if self.sasl_users:
+            users = " ".join(f'user_{name}="{password}"' for name, password in self.sasl_users.items())
+            admin, password = next(iter(self.sasl_users.items()))
+            props.update({
+                "sasl.enabled.mechanisms": "PLAIN",
+                "sasl.mechanism.inter.broker.protocol": "PLAIN",
+                f"listener.name.{protocol.lower()}.plain.sasl.jaas.config":
+                    "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                    f'username="{admin}" password="{password}" {users};',
+                "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                # The controller listener is loopback PLAINTEXT in this single-node setup; the node
+                # talks to itself there as ANONYMOUS.
+                "super.users": f"User:{admin};User:ANONYMOUS",
+                "allow.everyone.if.no.acl.found": "false",
+            })
+        return props
 
     def _format(self, libs: Path) -> None:
         shutil.rmtree(self.data, ignore_errors=True)  # a format interrupted half-way is redone from scratch
