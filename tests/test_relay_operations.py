@@ -155,18 +155,23 @@ def test_idle_outbox_with_a_busy_neighbour_keeps_retained_wal_bounded(db, kafka,
                 time.sleep(0.3)
             generated = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)::bigint",
                                      (start,)).fetchone()[0]
-        time.sleep(3)
-        final = query(db, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, "
-                          "pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots "
-                          "WHERE slot_name = %s", (settings.slot_name,))[0]
+        # restart_lsn can only move at a running-xacts record, which the server writes every 15 s
+        # while busy and at checkpoints. Whether one fell inside the load is timing; write one now,
+        # as the background writer would, and the slot must follow past it.
+        query(db, "SELECT pg_log_standby_snapshot()")
+
+        def retained_once_quiet():
+            confirmed, restart = query(
+                db, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, "
+                    "pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint "
+                    "FROM pg_replication_slots WHERE slot_name = %s", (settings.slot_name,))[0]
+            return (confirmed, restart) if confirmed < 2 << 20 and restart < 8 << 20 else None
+
+        final = wait_for(retained_once_quiet, 30, "the slot to retain less than 8 MiB once the neighbour is quiet")
     print(f"generated {generated >> 20} MiB; retained (confirmed, restart) at the end: {final}, "
           f"max during load {max(s[0] for s in samples) >> 20} MiB")
     assert generated > 60 << 20
-    assert final[0] < 2 << 20  # confirmed follows the server within a couple of MiB once quiet
-    # restart_lsn can only move at the server's running-xacts records (every 15 s when busy), so it
-    # trails by up to ~15 s of WAL, but it follows: far less than everything written is retained.
-    assert final[1] < generated * 0.6
-    assert max(s[1] for s in samples) < generated  # it never held on to everything
+    assert max(s[0] for s in samples) < 32 << 20  # confirmed keeps up during the load (status every 1 s)
 
 
 @pytest.fixture(scope="module")
