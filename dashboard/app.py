@@ -32,7 +32,8 @@ def _release(ctx: Context) -> None:
 def _context() -> Context:
     """Shared by every browser session of this process: one database connection, one Kafka client."""
     settings = load_settings()
-    return Context(settings, Database.from_settings(settings), EndOffsets(settings.kafka_bootstrap, settings.kafka_security()))
+    ends = EndOffsets(settings.kafka_bootstrap, settings.kafka_security())
+    return Context(settings, Database.from_settings(settings), ends)
 
 
 def main() -> None:

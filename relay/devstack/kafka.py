@@ -15,9 +15,9 @@ import shutil
 import socket
 import subprocess
 import uuid
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from relay.devstack.jars import ensure_jars
 from relay.devstack.procs import StackError, find_ours, free_port, ours, port_is_free, progress, terminate, wait_until
@@ -169,8 +169,8 @@ class Broker:
         if running is None:
             self._stop_orphan()
         else:
-            wait_until(lambda: broker_answers(f"127.0.0.1:{port}", **self.client), timeout, f"{self.name} (already running)",
-                       running.is_running, self.log)
+            wait_until(lambda: broker_answers(f"127.0.0.1:{port}", **self.client), timeout,
+                       f"{self.name} (already running)", running.is_running, self.log)
             return pid, port
         self.root.mkdir(parents=True, exist_ok=True)
         port = port if port and port_is_free(port) else free_port()
