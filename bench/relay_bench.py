@@ -27,17 +27,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import psycopg
-from kafka import KafkaAdminClient, KafkaProducer
-from kafka.admin import NewTopic
+from kafka import KafkaProducer
 
 from relay.daemon import Relay
 from relay.devstack import DevStack
 from relay.devstack.postgres import binaries
 from relay.migrate import migrate
 from relay.pgoutput import Relation, decode, insert_at, str_to_lsn
-from relay.publisher import Publisher, compression, producer_config
+from relay.publisher import Publisher, compression, ensure_topic, producer_config
 from relay.replication import Keepalive, ReplicationStream, parse_frame
-from relay.router import Layout, Router, Txn
+from relay.router import TABLE_LAYOUT, Layout, Router, Txn
 from relay.settings import load_settings
 
 RESULTS = Path(__file__).parent / "results"
@@ -46,12 +45,6 @@ PAYLOAD = 180  # bytes of padding: the JSON value is ~200 B
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def create_topic(bootstrap: str, name: str) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    admin.create_topics([NewTopic(name, 3, 1)])
-    admin.close()
 
 
 def insert_rows(dsn, aggregate_type: str, n: int) -> str:
@@ -115,14 +108,13 @@ def bench_capture(dsn, slot: str, end_lsn: str, n: int, template: str | None) ->
 def relay_records(dsn, aggregate_type: str, template: str) -> list:
     """The exact records the relay would send for these rows."""
     router = Router(template)
-    layout = Layout(-1, *range(8))
     txn = Txn.of(0, 0)
     with psycopg.connect(dsn.secret()) as conn:
         rows = conn.execute(
             "SELECT event_id::text, aggregate_type, aggregate_id, event_type, payload::text, headers::text, "
             "created_at::text, txid::text FROM outbox.events WHERE aggregate_type = %s ORDER BY event_id",
             (aggregate_type,)).fetchall()
-    return [router.route(layout, tuple(v.encode() for v in r), txn) for r in rows]
+    return [router.route(TABLE_LAYOUT, tuple(v.encode() for v in r), txn) for r in rows]
 
 
 def bench_producer(settings, records: list, topic: str) -> float:
@@ -254,8 +246,8 @@ def main() -> None:
         records = relay_records(dsn, "bench", "bare.{aggregate_type}")
         for run, (slot, template, track) in enumerate([("b_relay", "e2e.{aggregate_type}", True),
                                                        ("b_relay_nodeliv", "e2e2.{aggregate_type}", False)]):
-            create_topic(bootstrap, f"bare{run}.bench")
-            create_topic(bootstrap, template.format(aggregate_type="bench"))
+            ensure_topic({"bootstrap_servers": bootstrap}, f"bare{run}.bench", 3)
+            ensure_topic({"bootstrap_servers": bootstrap}, template.format(aggregate_type="bench"), 3)
             s = settings_for(slot, template, track_deliveries=track)
             bare = bench_producer(s, records, f"bare{run}.bench")
             e2e, with_start = bench_relay(s, dsn, n)

@@ -49,16 +49,19 @@ class Plan:
             r = records[i]
             tp = (r.topic, r.partition)
             processed[tp] = processed.get(tp, 0) + 1
-        dead: dict[Partition, int] = {}
-        for i in self.invalid:
-            r = records[i]
-            tp = (r.topic, r.partition)
-            dead[tp] = dead.get(tp, 0) + 1
+        dead = self.invalid_per_partition(records)
         out = {}
         for tp, total in self.records_per_partition.items():
             p, d = processed.get(tp, 0), dead.get(tp, 0)
             out[tp] = (p, total - p - d, d)
         return out
+
+    def invalid_per_partition(self, records: Sequence[Record]) -> dict[Partition, int]:
+        counts: dict[Partition, int] = {}
+        for i in self.invalid:
+            tp = (records[i].topic, records[i].partition)
+            counts[tp] = counts.get(tp, 0) + 1
+        return counts
 
 
 def plan_batch(records: Sequence[Record]) -> Plan:

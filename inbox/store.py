@@ -88,10 +88,7 @@ def record_batch(conn: psycopg.Connection, consumer: str, records: Sequence[Reco
     records that were new to the inbox (the ones to hand to the handler)."""
     tps = list(plan.records_per_partition)
     index = {tp: str(k) for k, tp in enumerate(tps, 1)}
-    invalid: dict[Partition, int] = {}
-    for i in plan.invalid:
-        tp = (records[i].topic, records[i].partition)
-        invalid[tp] = invalid.get(tp, 0) + 1
+    invalid = plan.invalid_per_partition(records)
     ids, offsets, parts = [], [], []
     event_ids = plan.event_ids
     for i in plan.first:

@@ -54,10 +54,6 @@ class Batch:
     persisted: bool = False  # set by the ledger thread once its outcome is in PostgreSQL
     _checked: int = 0
 
-    @property
-    def events(self) -> int:
-        return len(self.futures)
-
     def add(self, future, event_id: bytes, commit_ts: int, nbytes: int) -> None:
         self.futures.append(future)
         self.event_ids.append(event_id)

@@ -26,7 +26,7 @@ from relay.pgoutput import PG_EPOCH_UNIX_US, str_to_lsn
 from relay.pipeline import Pipeline, Transient
 from relay.publisher import Failure, Fenced, Publisher, ensure_checkpoint_topic, read_checkpoint
 from relay.replication import ReplicationError, ReplicationStream
-from relay.router import OUTBOX_COLUMNS, Layout
+from relay.router import TABLE_LAYOUT
 from relay.settings import Settings
 from relay.slot import FatalError
 
@@ -45,8 +45,7 @@ SELECT e.event_id::text, e.aggregate_type, e.aggregate_id, e.event_type, e.paylo
    AND (%(after_ts)s::timestamptz IS NULL OR (e.created_at, e.event_id) > (%(after_ts)s::timestamptz, %(after_id)s::uuid))
  ORDER BY e.created_at, e.event_id
 """
-# Rows read back from the table use the column order of OUTBOX_COLUMNS (plus created_at in µs).
-TABLE_LAYOUT = Layout(-1, *range(len(OUTBOX_COLUMNS)))
+# Columns in OUTBOX_COLUMNS order (TABLE_LAYOUT), plus created_at in µs.
 
 
 class Relay:
@@ -196,7 +195,7 @@ class Relay:
             self.recreate_slot = False
         if state is None:
             return self._create_slot(control)
-        slots.ensure_slot(control, s.slot_name)
+        slots.check_slot(control, s.slot_name, state)
         return snapshot
 
     def _create_slot(self, control: psycopg.Connection) -> str:
@@ -312,14 +311,13 @@ class Relay:
             (self.s.relay_id, self.s.slot_name, self.s.delivery, socket.gethostname(), os.getpid()))
 
     def _set_role(self, role: str, control: psycopg.Connection | None = None) -> None:
+        update = "UPDATE outbox.relay_instances SET role = %s, heartbeat_at = now() WHERE relay_id = %s"
         try:
             if control is not None:
-                control.execute("UPDATE outbox.relay_instances SET role = %s, heartbeat_at = now() "
-                                "WHERE relay_id = %s", (role, self.s.relay_id))
+                control.execute(update, (role, self.s.relay_id))
                 return
             with psycopg.connect(self.dsn.secret(), autocommit=True, connect_timeout=5) as conn:
-                conn.execute("UPDATE outbox.relay_instances SET role = %s, heartbeat_at = now() WHERE relay_id = %s",
-                             (role, self.s.relay_id))
+                conn.execute(update, (role, self.s.relay_id))
         except psycopg.Error as exc:
             log.debug("could not record role %s: %s", role, exc)
 

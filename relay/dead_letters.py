@@ -19,7 +19,7 @@ from kafka import errors as kerr
 from relay.pgoutput import PG_EPOCH_UNIX_US, str_to_lsn
 from relay.publisher import classify, producer_config
 from relay.redact import Dsn
-from relay.router import OUTBOX_COLUMNS, Layout, RouteError, Router, Txn
+from relay.router import TABLE_LAYOUT, RouteError, Router, Txn
 from relay.settings import Settings
 
 COLUMNS = ("id, event_id::text, slot_name, reason, error, aggregate_type, aggregate_id, event_type, payload, "
@@ -64,7 +64,6 @@ def replay(settings: Settings, ids: list[int] | None, log=print) -> tuple[int, i
     """Republish the given dead letters (all open ones if ids is None). Returns (replayed, failed)."""
     dsn = settings.require_database_url()
     router = Router(settings.topic_template)
-    layout = Layout(-1, *range(len(OUTBOX_COLUMNS)))
     producer = KafkaProducer(**producer_config(settings))
     replayed = failed = 0
     try:
@@ -84,18 +83,14 @@ def replay(settings: Settings, ids: list[int] | None, log=print) -> tuple[int, i
                 encoded = tuple(None if v is None else v.encode() for v in values)
                 txn = Txn.of(str_to_lsn(row.commit_lsn or "0/0"), pg_micros(row.created_at))
                 try:
-                    record = router.route(layout, encoded, txn)
+                    record = router.route(TABLE_LAYOUT, encoded, txn)
                     record.headers.append(("outbox_replayed_from", f"dead-letter:{row.id}".encode()))
                     metadata = producer.send(record.topic, value=record.value, key=record.key,
                                              headers=record.headers).get(timeout=60)
-                except RouteError as exc:
+                except (RouteError, kerr.KafkaError) as exc:
                     failed += 1
-                    log(f"dead letter {row.id} (event {row.event_id}) still cannot be published: {exc}")
-                    continue
-                except kerr.KafkaError as exc:
-                    failed += 1
-                    log(f"dead letter {row.id} (event {row.event_id}) still cannot be published: "
-                        f"{classify(exc).message}")
+                    why = classify(exc).message if isinstance(exc, kerr.KafkaError) else str(exc)
+                    log(f"dead letter {row.id} (event {row.event_id}) still cannot be published: {why}")
                     continue
                 conn.execute("UPDATE outbox.relay_dead_letters SET replayed_at = now(), replay_note = %s "
                              "WHERE id = %s", (f"{metadata.topic}/{metadata.partition}@{metadata.offset}", row.id))

@@ -31,6 +31,7 @@ from inbox.fake_provider import FakeProvider, ProviderClient
 from relay.daemon import Relay
 from relay.devstack import DevStack
 from relay.migrate import migrate
+from relay.publisher import ensure_topic
 from relay.redact import Dsn
 from relay.settings import Settings
 
@@ -118,7 +119,7 @@ class Demo:
             "database_url": dsn, "kafka_bootstrap": urls.kafka_bootstrap,
             "delivery": "exactly-once" if exactly_once else "at-least-once"})
 
-        _ensure_topic(urls.kafka_bootstrap, TOPIC)  # consumers start before the first order creates it
+        ensure_topic(settings.kafka_client(), TOPIC, 3)  # consumers start before the first order creates it
         provider = FakeProvider(hang_s=2.5).start()
         client = ProviderClient(provider.url, timeout_s=1.5)
         effects = Effects(dsn, lease_s=10)
@@ -126,10 +127,9 @@ class Demo:
         # Short retries so that an unknown outcome reaches the dead letters in seconds, not minutes.
         policy = RetryPolicy(max_attempts=3, backoff_initial_s=0.2, backoff_max_s=1.0)
         runners = [
-            Runner("payments", payments_handler(effects, client, self.lookup_available), dsn=dsn,
-                   bootstrap=urls.kafka_bootstrap, topics=[TOPIC], policy=policy),
-            Runner("receipts", receipts_handler, dsn=dsn, bootstrap=urls.kafka_bootstrap,
-                   topics=[TOPIC], policy=policy),
+            Runner.from_settings(settings, "payments", payments_handler(effects, client, self.lookup_available),
+                                 topics=[TOPIC], policy=policy),
+            Runner.from_settings(settings, "receipts", receipts_handler, topics=[TOPIC], policy=policy),
         ]
         self._spawn(relay.run, "relay")
         for runner in runners:
@@ -231,21 +231,6 @@ class Demo:
                                   "HAVING count(*) > 1) d").fetchone()[0]
         print(f"orders {orders}: paid {paid}, declined {declined}; in flight {in_flight}; duplicates suppressed "
               f"{dups}; unknown outcomes {unknown}; orders charged twice {double}", file=sys.stderr, flush=True)
-
-
-def _ensure_topic(bootstrap: str, topic: str) -> None:
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        if topic not in admin.list_topics():
-            admin.create_topics([NewTopic(topic, 3, 1)])
-    except TopicAlreadyExistsError:
-        pass
-    finally:
-        admin.close()
 
 
 def run_demo(settings: Settings, rate: float = 3.0, duration: float | None = None, dashboard: bool = True) -> int:

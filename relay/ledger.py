@@ -172,16 +172,17 @@ class Ledger:
         rows = []
         for d in dead:
             r = d.row
-
-            def text(i: int) -> str | None:
-                v = r[i] if i < len(r) else None
-                return v.decode("utf-8", errors="replace") if isinstance(v, bytes) else None
-
             rows.append((d.event_id.decode(), self.slot, batch_id, d.topic, d.reason, d.error,
-                         text(layout.aggregate_type), text(layout.aggregate_id), text(layout.event_type),
-                         text(layout.payload), text(layout.headers), lsn_to_str(d.commit_lsn),
-                         text(layout.txid), text(layout.created_at)))
+                         _text(r, layout.aggregate_type), _text(r, layout.aggregate_id), _text(r, layout.event_type),
+                         _text(r, layout.payload), _text(r, layout.headers), lsn_to_str(d.commit_lsn),
+                         _text(r, layout.txid), _text(r, layout.created_at)))
         cur.executemany(
             "INSERT INTO outbox.relay_dead_letters (event_id, slot_name, batch_id, topic, reason, error, "
             "aggregate_type, aggregate_id, event_type, payload, headers, commit_lsn, txid, created_at) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::text::xid8, %s)", rows)
+
+
+def _text(row: tuple, i: int) -> str | None:
+    """Column i of a decoded row as text (None if absent or NULL), for the dead-letter copy."""
+    v = row[i] if i < len(row) else None
+    return v.decode("utf-8", errors="replace") if isinstance(v, bytes) else None

@@ -25,7 +25,7 @@ from relay.checkpoint import AckQueue, Batch, Checkpoint, DeadLetter
 from relay.ledger import Ledger, Outcome
 from relay.metrics import RelayMetrics
 from relay.pgoutput import (
-    Begin, Commit, Delete, Insert, Message, Relation, Truncate, Update, decode, insert_at, lsn_to_str, str_to_lsn,
+    Begin, Commit, Delete, Insert, Relation, Truncate, Update, decode, insert_at, lsn_to_str, str_to_lsn,
 )
 from relay.publisher import Failure, Fenced, Publisher, classify
 from relay.replication import Keepalive, ReplicationStream, XLogData, now_pg, parse_frame
@@ -184,9 +184,7 @@ class Pipeline:
         elif kind in (Update, Delete, Truncate):
             self._warn_once("dml", f"publication {self.s.publication!r} publishes {kind.__name__.lower()}s; "
                             f"they are ignored. Fix: ALTER PUBLICATION {self.s.publication} SET (publish = 'insert')")
-        elif kind is Message and not msg.transactional and msg.prefix != HEARTBEAT_PREFIX:
-            pass  # other applications' logical messages are not ours to relay
-        # Origin and Type messages carry nothing the relay needs.
+        # Logical messages (our heartbeats, other applications'), Origin and Type carry nothing to relay.
 
     def _on_begin(self, m: Begin) -> None:
         txn = OpenTxn(Txn.of(m.final_lsn, m.commit_ts), m.final_lsn, m.commit_ts)

@@ -94,8 +94,6 @@ def producer_config(settings: Settings, transactional_id: str | None = None) -> 
 
 class Publisher:
     def __init__(self, settings: Settings, transactional_id: str | None = None):
-        self.settings = settings
-        self.transactional = transactional_id is not None
         try:
             self.producer = KafkaProducer(**producer_config(settings, transactional_id))
         except kerr.KafkaTimeoutError as exc:
@@ -161,13 +159,18 @@ def unreachable_hint(settings: Settings) -> str:
 
 def ensure_checkpoint_topic(settings: Settings) -> None:
     """The exactly-once checkpoint topic: one partition, compacted (latest checkpoint per relay)."""
-    admin = KafkaAdminClient(**settings.kafka_client(), client_id="outbox-relay-admin")
+    ensure_topic(settings.kafka_client(), settings.checkpoint_topic, 1,
+                 {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"})
+
+
+def ensure_topic(client: dict, topic: str, partitions: int, configs: dict[str, str] | None = None) -> None:
+    """Create `topic` unless it exists. `client`: KafkaAdminClient options (Settings.kafka_client())."""
+    admin = KafkaAdminClient(**client, client_id="outbox-relay-admin")
     try:
-        if settings.checkpoint_topic not in admin.list_topics():
-            admin.create_topics([NewTopic(settings.checkpoint_topic, 1, 1, topic_configs={
-                "cleanup.policy": "compact", "min.compaction.lag.ms": "60000"})])
+        if topic not in admin.list_topics():
+            admin.create_topics([NewTopic(topic, partitions, 1, topic_configs=configs or {})])
     except kerr.TopicAlreadyExistsError:
-        pass
+        pass  # created concurrently
     finally:
         admin.close()
 

@@ -119,11 +119,6 @@ class ReplicationStream:
     def backend_pid(self) -> int | None:
         return self._pg.backend_pid if self._pg is not None else None
 
-    def read(self, timeout: float) -> XLogData | Keepalive | None:
-        """The next frame, or None if nothing arrived within `timeout` seconds."""
-        raw = self.read_raw(timeout)
-        return None if raw is None else parse_frame(raw)
-
     def read_raw(self, timeout: float) -> memoryview | None:
         """The next CopyData message as received (see parse_frame), or None after `timeout` seconds."""
         pg = self._pg

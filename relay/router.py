@@ -58,6 +58,10 @@ class Layout:
         return cls(relation.oid, *(names.index(c) for c in OUTBOX_COLUMNS))
 
 
+# Rows read from the table itself (backfill, dead-letter replays) select the columns in OUTBOX_COLUMNS order.
+TABLE_LAYOUT = Layout(-1, *range(len(OUTBOX_COLUMNS)))
+
+
 @dataclass(frozen=True, slots=True)
 class Txn:
     """Per-transaction header values, formatted once for all events of the transaction."""

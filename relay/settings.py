@@ -14,7 +14,9 @@ import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, PlainSerializer, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BeforeValidator, Field, PlainSerializer, SecretStr, ValidationError, ValidationInfo, field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from relay.redact import Dsn, redact, register_secret
@@ -38,6 +40,8 @@ def _to_dsn(value: Any) -> Any:
 
 DsnSetting = Annotated[Dsn | None, BeforeValidator(_to_dsn), PlainSerializer(lambda d: d.masked if d else None)]
 
+_SASL_CREDENTIALS = ("set OUTBOX_KAFKA_SASL_USERNAME and OUTBOX_KAFKA_SASL_PASSWORD, or use a protocol "
+                     "without SASL")
 # What to tell the operator when a variable is wrong: the fix, not the validator's internals.
 _HINTS: dict[str, str] = {
     "database_url": "set it to a libpq URL such as postgresql://user:password@127.0.0.1:5432/app "
@@ -45,10 +49,8 @@ _HINTS: dict[str, str] = {
     "kafka_bootstrap": "set it to a comma-separated list of host:port, e.g. 127.0.0.1:9092",
     "kafka_security_protocol": "use PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (what the broker's listener speaks)",
     "kafka_sasl_mechanism": "use PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
-    "kafka_sasl_username": "set OUTBOX_KAFKA_SASL_USERNAME and OUTBOX_KAFKA_SASL_PASSWORD, or use a protocol "
-    "without SASL",
-    "kafka_sasl_password": "set OUTBOX_KAFKA_SASL_USERNAME and OUTBOX_KAFKA_SASL_PASSWORD, or use a protocol "
-    "without SASL",
+    "kafka_sasl_username": _SASL_CREDENTIALS,
+    "kafka_sasl_password": _SASL_CREDENTIALS,
     "kafka_ssl_cafile": "point it to the PEM file of the CA that signed the brokers' certificates, or unset it "
     "to use the system's CAs",
     "delivery": "use at-least-once (default) or exactly-once",

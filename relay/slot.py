@@ -52,7 +52,7 @@ def try_lock(conn: psycopg.Connection, slot: str) -> bool:
     return conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (lock_key(slot),)).fetchone()[0]
 
 
-def ensure_publication(conn: psycopg.Connection, publication: str) -> bool:
+def ensure_publication(conn: psycopg.Connection, publication: str) -> None:
     """Create the publication if missing (before the slot: a slot cannot see a later publication)."""
     row = conn.execute("SELECT pubinsert FROM pg_publication WHERE pubname = %s", (publication,)).fetchone()
     if row is not None:
@@ -65,7 +65,7 @@ def ensure_publication(conn: psycopg.Connection, publication: str) -> bool:
                 f"ALTER PUBLICATION {publication} SET TABLE outbox.events; ALTER PUBLICATION {publication} "
                 f"SET (publish = 'insert')."
             )
-        return False
+        return
     try:
         conn.execute(f'CREATE PUBLICATION "{publication}" FOR TABLE outbox.events WITH (publish = \'insert\')')
     except psycopg.errors.InsufficientPrivilege as exc:
@@ -74,7 +74,6 @@ def ensure_publication(conn: psycopg.Connection, publication: str) -> bool:
             f"Fix: run `outbox migrate` as the owner of outbox.events, or have them run CREATE PUBLICATION "
             f"{publication} FOR TABLE outbox.events WITH (publish = 'insert')."
         ) from None
-    return True
 
 
 def slot_state(conn: psycopg.Connection, slot: str) -> dict | None:
@@ -87,12 +86,8 @@ def slot_state(conn: psycopg.Connection, slot: str) -> dict | None:
     return dict(zip(keys, row))
 
 
-def ensure_slot(conn: psycopg.Connection, slot: str) -> bool:
-    """Create the slot if missing; refuse one that cannot serve us. True if created."""
-    state = slot_state(conn, slot)
-    if state is None:
-        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
-        return True
+def check_slot(conn: psycopg.Connection, slot: str, state: dict) -> None:
+    """Refuse an existing slot (its slot_state()) that cannot serve us, with the fix."""
     database = conn.execute("SELECT current_database()").fetchone()[0]
     if state["plugin"] != "pgoutput" or state["database"] != database:
         raise FatalError(
@@ -104,7 +99,6 @@ def ensure_slot(conn: psycopg.Connection, slot: str) -> bool:
         if state["invalidation_reason"]:
             why += f", reason={state['invalidation_reason']}"
         raise FatalError(SLOT_LOST_FIX.format(slot=slot, why=why))
-    return False
 
 
 def drop_slot(conn: psycopg.Connection, slot: str) -> None:
@@ -128,6 +122,4 @@ def fatal_stream_error(message: str, slot: str, publication: str) -> FatalError 
         return FatalError(SLOT_LOST_FIX.format(slot=slot, why=message.splitlines()[0]))
     if "publication" in message and "does not exist" in message:
         return FatalError(PUBLICATION_GONE_FIX.format(detail=message.splitlines()[0], pub=publication))
-    if "does not exist" in message and "replication slot" in message:
-        return None  # dropped under us: the next session re-creates it
-    return None
+    return None  # e.g. the slot was dropped under us: the next session re-creates it

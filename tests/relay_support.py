@@ -83,6 +83,16 @@ def relay_process(env: dict[str, str], log: Path, relay_id: str = "proc") -> sub
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def active_and_standby(db: Dsn, env: dict[str, str], tmp_path: Path) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """Two `outbox relay` processes for one slot: relay-a streaming, relay-b waiting as its standby."""
+    active = relay_process(env, tmp_path / "a.log", relay_id="relay-a")
+    wait_streaming(db, "relay-a")
+    standby = relay_process(env, tmp_path / "b.log", relay_id="relay-b")
+    wait_for(lambda: query(db, "SELECT role FROM outbox.relay_instances WHERE relay_id = 'relay-b'") == [("standby",)],
+             30, "relay-b on standby")
+    return active, standby
+
+
 def sigterm(proc: subprocess.Popen, timeout: float = 60) -> int:
     proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout)

@@ -13,7 +13,7 @@ from relay.pgoutput import str_to_lsn
 
 from .helpers import read_topic
 from .relay_support import (
-    RelayThread, emit_many, published, query, relay_env, relay_process, relay_settings, sigterm, wait_for,
+    RelayThread, active_and_standby, emit_many, published, query, relay_env, relay_settings, sigterm, wait_for,
     wait_streaming,
 )
 
@@ -53,11 +53,7 @@ def test_a_second_relay_fences_a_zombie(db, kafka, topic_prefix, tmp_path, admin
     takes over and fences A's Kafka transactions; when A wakes up its commit is refused and no
     event appears twice for read_committed consumers."""
     env = relay_env(db, kafka, topic_prefix, delivery="exactly-once", batch_max_age_ms=1000)
-    a = relay_process(env, tmp_path / "a.log", relay_id="relay-a")
-    wait_streaming(db, "relay-a")
-    b = relay_process(env, tmp_path / "b.log", relay_id="relay-b")
-    wait_for(lambda: query(db, "SELECT role FROM outbox.relay_instances WHERE relay_id = 'relay-b'") == [("standby",)],
-             30, "relay-b on standby")
+    a, b = active_and_standby(db, env, tmp_path)
 
     emit_many(db, "order", 200, per_txn=20)
     time.sleep(0.3)  # A has an open Kafka transaction now (batches close after 1 s)

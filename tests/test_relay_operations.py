@@ -20,8 +20,8 @@ from relay.replication import ReplicationStream
 from .conftest import TEST_STACK_DIR
 from .helpers import read_topic
 from .relay_support import (
-    RelayThread, emit, emit_many, published, query, relay_env, relay_process, relay_settings, sigterm, wait_for,
-    wait_streaming,
+    RelayThread, active_and_standby, emit, emit_many, published, query, relay_env, relay_process, relay_settings,
+    sigterm, wait_for, wait_streaming,
 )
 
 
@@ -58,11 +58,7 @@ def test_sigterm_mid_load_exits_0_and_a_restart_repeats_nothing(db, kafka, topic
 
 def test_standby_takes_over_within_seconds_when_the_active_relay_is_killed(db, kafka, topic_prefix, tmp_path):
     env = relay_env(db, kafka, topic_prefix)
-    active = relay_process(env, tmp_path / "a.log", relay_id="relay-a")
-    wait_streaming(db, "relay-a")
-    standby = relay_process(env, tmp_path / "b.log", relay_id="relay-b")
-    wait_for(lambda: query(db, "SELECT role FROM outbox.relay_instances WHERE relay_id = 'relay-b'") == [("standby",)],
-             30, "relay-b on standby")
+    active, standby = active_and_standby(db, env, tmp_path)
     emit_many(db, "order", 500, per_txn=50)
     wait_for(lambda: published(db) >= 500, 30, "relay-a publishing")
 

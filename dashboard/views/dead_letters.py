@@ -28,29 +28,28 @@ def render(ctx: Context) -> None:
     else:
         table(reasons)
 
-    st.subheader(f"Relay ({len(relay)})")
-    if relay.empty:
-        empty("No relay dead letter matches." if search else
-              "The relay has not dead-lettered anything" + ("." if resolved else " that waits for a replay."))
-    else:
-        st.caption("Fix the cause given in `error` (raise a size limit, grant the topic, change the template), then "
-                   "run the command: it republishes the stored copy with the original event_id.")
-        table(relay)
-        _commands(relay.loc[relay["replayed_at"].isna(), "replay_command"])
-
-    st.subheader(f"Inbox ({len(inbox)})")
-    if inbox.empty:
-        empty("No inbox dead letter matches." if search else
-              "No consumer has dead-lettered anything" + ("." if resolved else " that waits for a replay."))
-    else:
-        st.caption("handler_failed: fix the handler or the data, then replay (the running consumer re-runs its "
-                   "handler on the stored record). invalid_envelope: no valid event_id, nothing to deduplicate "
-                   "on; fix the producer and discard it.")
-        table(inbox)
-        _commands(inbox.loc[inbox["command"].str.startswith("outbox"), "command"])
+    waiting = "." if resolved else " that waits for a replay."
+    _section("Relay", relay, "No relay dead letter matches." if search else
+             "The relay has not dead-lettered anything" + waiting,
+             "Fix the cause given in `error` (raise a size limit, grant the topic, change the template), then "
+             "run the command: it republishes the stored copy with the original event_id.",
+             lambda rows: rows.loc[rows["replayed_at"].isna(), "replay_command"])
+    _section("Inbox", inbox, "No inbox dead letter matches." if search else
+             "No consumer has dead-lettered anything" + waiting,
+             "handler_failed: fix the handler or the data, then replay (the running consumer re-runs its "
+             "handler on the stored record). invalid_envelope: no valid event_id, nothing to deduplicate "
+             "on; fix the producer and discard it.",
+             lambda rows: rows.loc[rows["command"].str.startswith("outbox"), "command"])
 
 
-def _commands(commands) -> None:
+def _section(title: str, rows, when_empty: str, caption: str, commands_of) -> None:
+    st.subheader(f"{title} ({len(rows)})")
+    if rows.empty:
+        empty(when_empty)
+        return
+    st.caption(caption)
+    table(rows)
+    commands = commands_of(rows)
     if len(commands):
         with st.expander(f"Copy the {len(commands)} command(s)"):
             st.code("\n".join(commands), language="bash")
