@@ -141,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
         "may run for one slot: one streams, the others wait as standbys and take over within seconds. "
         "SIGTERM/Ctrl-C finishes in-flight records, acknowledges what Kafka acknowledged and exits 0. "
         "Settings: OUTBOX_DATABASE_URL, OUTBOX_KAFKA_BOOTSTRAP, OUTBOX_DELIVERY=at-least-once|exactly-once, "
-        "OUTBOX_SLOT_NAME, OUTBOX_PUBLICATION, OUTBOX_TOPIC_TEMPLATE, OUTBOX_METRICS_PORT (/metrics, /healthz).")
+        "OUTBOX_SLOT_NAME, OUTBOX_PUBLICATION, OUTBOX_TOPIC_TEMPLATE, OUTBOX_METRICS_PORT (/metrics, /healthz); "
+        "for an authenticated broker OUTBOX_KAFKA_SECURITY_PROTOCOL, OUTBOX_KAFKA_SASL_MECHANISM, "
+        "OUTBOX_KAFKA_SASL_USERNAME, OUTBOX_KAFKA_SASL_PASSWORD, OUTBOX_KAFKA_SSL_CAFILE. Exit codes: 0 stopped "
+        "cleanly, 1 a problem that needs a fix (the message says which), 2 bad configuration.")
     rel.add_argument("--recreate-slot", action="store_true",
                      help="drop and re-create the replication slot (after it was invalidated), republishing every "
                      "outbox event not recorded as published")
