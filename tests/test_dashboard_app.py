@@ -4,7 +4,6 @@ flow of a decision."""
 
 from __future__ import annotations
 
-import psycopg
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
@@ -13,6 +12,7 @@ from inbox import Effects, OutcomeUnknown
 from inbox.fake_provider import FakeProvider, ProviderClient
 
 from .conftest import REPO
+from .relay_support import query
 from .dashboard_support import (AT_RISK_KEY, CHARGE_KEY, CRASHED_RELAY, HOSTILE_AGGREGATE, KILLED_KEY,
                                 UNICODE_AGGREGATE)
 
@@ -201,6 +201,4 @@ def test_unreachable_database_is_said_without_the_password(monkeypatch, kafka):
 
 
 def _audit(db) -> list[tuple]:
-    with psycopg.connect(db.secret()) as conn:
-        return conn.execute("SELECT operator, action, effect_key, provider_reference FROM outbox.operator_audit "
-                            "ORDER BY id").fetchall()
+    return query(db, "SELECT operator, action, effect_key, provider_reference FROM outbox.operator_audit ORDER BY id")

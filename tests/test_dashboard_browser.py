@@ -9,7 +9,6 @@ OUTBOX_UPDATE_SCREENSHOTS=1 they replace the ones in docs/ (so a test run leaves
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
+
+from relay.devstack.procs import free_port
 
 from .conftest import REPO
 
@@ -41,16 +42,10 @@ def _browser_or_skip() -> None:
     pytest.skip(reason)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def dashboard_url(dashboard_scenario, tmp_path):
     """`outbox dashboard` in its own process, as an operator runs it."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
     env.update({"OUTBOX_DATABASE_URL": dashboard_scenario.db.secret(),
                 "OUTBOX_KAFKA_BOOTSTRAP": dashboard_scenario.kafka,
