@@ -57,7 +57,7 @@ def _relay(args: argparse.Namespace, settings: Settings) -> int:
 
     from relay.daemon import Relay
 
-    relay = Relay(settings, recreate_slot=args.recreate_slot)
+    relay = Relay(settings, recreate_slot=args.recreate_slot, reset_checkpoint=args.reset_checkpoint)
 
     def on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
         if relay.stop.is_set():
@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     rel.add_argument("--recreate-slot", action="store_true",
                      help="drop and re-create the replication slot (after it was invalidated), republishing every "
                      "outbox event not recorded as published")
+    rel.add_argument("--reset-checkpoint", action="store_true",
+                     help="after the database was replaced (restored from a dump or backup, point-in-time recovery, "
+                     "failover to a replica that lagged): forget the exactly-once checkpoint and the positions "
+                     "recorded for the other server or WAL history, and publish every event not recorded as "
+                     "published in this database. Consumers may see some events again (deduplicate on event_id). "
+                     "The relay refuses to start without it when it detects such a replacement")
     rel.set_defaults(func=_relay)
 
     dlq = sub.add_parser("dead-letters", help="list or replay events the relay could not publish",

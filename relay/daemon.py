@@ -18,45 +18,74 @@ import psycopg
 from kafka import errors as kerr
 from psycopg import sql
 
+from dataclasses import replace
+
+from relay import ledger as ledger_sql
 from relay import slot as slots
-from relay.checkpoint import Checkpoint
-from relay.ledger import Ledger, Outcome, settle_previous_batches
+from relay.bookkeeper import Failure, Restart
+from relay.checkpoint import Checkpoint, Identity, mismatch
+from relay.ledger import Ledger, restore_dead_letters, settle_previous_batches
 from relay.metrics import RelayMetrics, serve
-from relay.pgoutput import PG_EPOCH_UNIX_US, str_to_lsn
+from relay.pgoutput import str_to_lsn
 from relay.pipeline import Pipeline, Transient
-from relay.publisher import Failure, Fenced, Publisher, ensure_checkpoint_topic, read_checkpoint
-from relay.replication import ReplicationError, ReplicationStream
+from relay.publisher import Fenced, Publisher, TopicProvisioner, ensure_checkpoint_topic, read_checkpoint
+from relay.redact import redact
+from relay.replication import ReplicationError, ReplicationStream, ServerPosition, identify_server
 from relay.router import TABLE_LAYOUT
 from relay.settings import Settings
 from relay.slot import FatalError
 
 log = logging.getLogger("outbox.relay")
 
+# The events listed in relay_backfill when the slot was created, minus what was published or
+# dead-lettered since (an at-least-once backfill interrupted by a crash), in creation order.
 BACKFILL_QUERY = """
 SELECT e.event_id::text, e.aggregate_type, e.aggregate_id, e.event_type, e.payload::text, e.headers::text,
        e.created_at::text, e.txid::text,
        ((extract(epoch FROM e.created_at) * 1000000)::bigint - 946684800000000)::text  -- µs since 2000
-  FROM outbox.events e
- WHERE pg_visible_in_snapshot(e.txid, %(snapshot)s::pg_snapshot)
-   AND (%(watermark)s::xid8 IS NULL OR e.txid >= %(watermark)s::xid8)
+  FROM outbox.relay_backfill f JOIN outbox.events e ON e.event_id = f.event_id
+ WHERE f.slot_name = %(slot)s
    AND NOT EXISTS (SELECT 1 FROM outbox.relay_batches b, unnest(b.xids) AS x(txid)
                     WHERE b.slot_name = %(slot)s AND b.status IN ('acked', 'committed') AND x.txid = e.txid)
-   AND NOT EXISTS (SELECT 1 FROM outbox.relay_dead_letters d WHERE d.event_id = e.event_id)
-   AND (%(after_ts)s::timestamptz IS NULL OR (e.created_at, e.event_id) > (%(after_ts)s::timestamptz, %(after_id)s::uuid))
- ORDER BY e.created_at, e.event_id
+   AND NOT outbox.dead_lettered(e.event_id, %(slot)s)
+   AND (%(after_ts)s::timestamptz IS NULL OR (f.created_at, f.event_id) > (%(after_ts)s::timestamptz, %(after_id)s::uuid))
+ ORDER BY f.created_at, f.event_id
+"""
+# What a new slot will never stream, listed inside the slot's exported snapshot.
+BACKFILL_LIST = """
+INSERT INTO outbox.relay_backfill (slot_name, created_at, event_id)
+SELECT %(slot)s, e.created_at, e.event_id
+  FROM outbox.events e, outbox.relay_status s
+ WHERE s.slot_name = %(slot)s
+   AND (s.watermark_txid IS NULL OR e.txid >= s.watermark_txid)
+   AND NOT EXISTS (SELECT 1 FROM outbox.relay_batches b, unnest(b.xids) AS x(txid)
+                    WHERE b.slot_name = %(slot)s AND b.status IN ('acked', 'committed') AND x.txid = e.txid)
+   AND NOT outbox.dead_lettered(e.event_id, %(slot)s)
 """
 # Columns in OUTBOX_COLUMNS order (TABLE_LAYOUT), plus created_at in µs.
 
 
+RESET_FIX = (
+    "Fix: if this database really replaced the one the recorded positions describe (restored from a dump or a "
+    "backup, point-in-time recovery, failover to a replica that had not received everything), run "
+    "`outbox relay --reset-checkpoint` once. It forgets the checkpoint and the positions recorded for the other "
+    "server or history and publishes every event of this database not recorded as published here; consumers "
+    "may see some events again (the inbox deduplicates them on event_id). If this is a separate deployment "
+    "sharing the Kafka cluster, give it its own OUTBOX_SLOT_NAME and OUTBOX_CHECKPOINT_TOPIC."
+)
+
+
 class Relay:
-    def __init__(self, settings: Settings, *, recreate_slot: bool = False, metrics: RelayMetrics | None = None):
+    def __init__(self, settings: Settings, *, recreate_slot: bool = False, reset_checkpoint: bool = False,
+                 metrics: RelayMetrics | None = None):
         self.s = settings
         self.dsn = settings.require_database_url()
         self.metrics = metrics or RelayMetrics()
         self.recreate_slot = recreate_slot
+        self.reset_checkpoint = reset_checkpoint
         self.stop = threading.Event()
         self.poison: dict[bytes, Failure] = {}
-        self.transactional_id = f"outbox-relay-{settings.slot_name}" if settings.delivery == "exactly-once" else None
+        self.identity: Identity | None = None
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -74,15 +103,13 @@ class Relay:
                     self._session()
                     backoff = 1.0
                 except FatalError as exc:
-                    self.metrics.healthy = False
-                    self.metrics.last_error = str(exc)
-                    log.error("%s", exc)
-                    self._record_error(str(exc))
+                    self._fail(str(exc))
                     return 1
                 except Fenced as exc:
                     log.warning("another relay took over this slot's Kafka transactions (%s); back to standby", exc)
-                except (Transient, ReplicationError, psycopg.Error, kerr.KafkaError, OSError, TimeoutError) as exc:
-                    message = str(exc)
+                except (Transient, Restart, ReplicationError, psycopg.Error, kerr.KafkaError, OSError,
+                        TimeoutError) as exc:
+                    message = redact(str(exc))
                     if not message.startswith(type(exc).__name__):  # kafka-python's errors name themselves
                         message = f"{type(exc).__name__}: {message}"
                     self.metrics.restarts.inc()
@@ -93,6 +120,11 @@ class Relay:
                         backoff = 1.0
                     self.stop.wait(backoff)
                     backoff = min(backoff * 2, 30.0)
+                except Exception as exc:  # noqa: BLE001 - a bug: recorded where operators look, then exit 1
+                    log.exception("relay stopped by an unexpected error")
+                    self._fail(f"unexpected {type(exc).__name__}: {exc}. This is a bug in the relay; nothing after "
+                               f"the slot's confirmed position was acknowledged. Please report it with the log.")
+                    return 1
                 finally:
                     self.metrics.active.set(0)
             return 0
@@ -101,6 +133,13 @@ class Relay:
             if server is not None:
                 server.shutdown()
             log.info("relay %s stopped", self.s.relay_id)
+
+    def _fail(self, message: str) -> None:
+        message = redact(message)
+        self.metrics.healthy = False
+        self.metrics.last_error = message
+        log.error("%s", message)
+        self._record_error(message)
 
     # ----- one session
 
@@ -113,33 +152,43 @@ class Relay:
             if not self._become_active(control):
                 return
             log.info("relay %s is active for slot %s", s.relay_id, s.slot_name)
+            server = identify_server(self.dsn)
+            self._check_recorded_identity(control, server)
             slots.ensure_publication(control, s.publication)
             snapshot = self._prepare_slot(control)
             state = slots.slot_state(control, s.slot_name)
             confirmed = str_to_lsn(state["confirmed_flush_lsn"] or "0/0")
+            identity = self.identity = self._identity(control, server)
 
-            publisher = Publisher(s, self.transactional_id)
+            eos = s.delivery == "exactly-once"
+            publisher = Publisher(s, f"outbox-relay-{identity.key}" if eos else None)
+            topics = TopicProvisioner(s)
             ledger = None
             stream = ReplicationStream(self.dsn, s.slot_name, s.publication)
             try:
                 checkpoint = None
-                if self.transactional_id:
-                    ensure_checkpoint_topic(s)
-                    publisher.init_transactions()  # fences a zombie predecessor, settles its transaction
-                    probe = publisher.write_aborted_probe(s.checkpoint_topic)
-                    checkpoint = Checkpoint.from_json(read_checkpoint(s, s.slot_name.encode(), probe))
+                if eos:
+                    checkpoint = self._checkpoint(control, publisher, identity, server)
                 for batch_id, status in settle_previous_batches(control, s.slot_name, s.delivery, checkpoint):
                     log.warning("batch %s was in flight when the previous relay stopped: %s", batch_id, status)
-                pipeline_ref: list[Pipeline] = []
-                ledger = Ledger(self.dsn, s.slot_name, lambda: pipeline_ref[0].layout or TABLE_LAYOUT,
-                                s.track_deliveries, self._on_persisted)
+                if checkpoint is not None and checkpoint.dead:
+                    restored = restore_dead_letters(control, s.slot_name, checkpoint)
+                    if restored:
+                        log.warning("restored %d dead letter(s) named by the Kafka checkpoint that this database "
+                                    "had lost", restored)
+                ledger = Ledger(self.dsn, s.slot_name, s.track_deliveries)
                 ledger.start()
+                resume = checkpoint
+                if checkpoint is not None and checkpoint.identity is not None and \
+                        checkpoint.identity.slot_created_lsn != identity.slot_created_lsn:
+                    # The slot was created after this checkpoint: everything it streams is newer than
+                    # the checkpoint's positions, so they must skip nothing (and the backfill is new).
+                    resume = checkpoint.without_positions()
                 pipeline = Pipeline(settings=s, control=control, stream=stream, publisher=publisher, ledger=ledger,
                                     metrics=self.metrics, stop=self.stop, confirmed_lsn=confirmed,
-                                    checkpoint=checkpoint, poison=self.poison)
-                pipeline_ref.append(pipeline)
+                                    checkpoint=resume, poison=self.poison, topics=topics)
                 if snapshot is not None:
-                    self._backfill(control, pipeline, snapshot, confirmed, checkpoint)
+                    self._backfill(control, pipeline, snapshot, resume)
                 self._open_stream(control, stream)
                 self.metrics.role = "active"
                 self.metrics.active.set(1)
@@ -153,7 +202,86 @@ class Relay:
                 stream.close()
                 if ledger is not None:
                     ledger.stop()
+                topics.close()
                 publisher.close(timeout=10 if self.stop.is_set() else 0)
+
+    # ----- identity: what the recorded positions belong to
+
+    def _check_recorded_identity(self, control: psycopg.Connection, server: ServerPosition) -> None:
+        """relay_status must describe this server: positions, xids and the watermark recorded on
+        another one (the database restored from a dump into a new cluster) would skip or prune
+        events that were never published."""
+        s = self.s
+        dboid = control.execute("SELECT oid FROM pg_database WHERE datname = current_database()").fetchone()[0]
+        control.execute(
+            "INSERT INTO outbox.relay_status (slot_name, delivery, active_relay_id) VALUES (%s, %s, %s) "
+            "ON CONFLICT (slot_name) DO UPDATE SET delivery = EXCLUDED.delivery, "
+            "active_relay_id = EXCLUDED.active_relay_id, updated_at = now()",
+            (s.slot_name, s.delivery, s.relay_id))
+        recorded = control.execute("SELECT system_identifier, database_oid FROM outbox.relay_status "
+                                   "WHERE slot_name = %s", (s.slot_name,)).fetchone()
+        if self.reset_checkpoint:
+            log.warning("--reset-checkpoint: forgetting the positions recorded for slot %s (system %s, database "
+                        "oid %s) and adopting this server (system %s, database oid %s)", s.slot_name, recorded[0],
+                        recorded[1], server.system_identifier, dboid)
+            control.execute("UPDATE outbox.relay_status SET watermark_txid = NULL, confirmed_lsn = NULL, "
+                            "system_identifier = NULL WHERE slot_name = %s", (s.slot_name,))
+            if recorded[0] is not None and recorded[0] != server.system_identifier:
+                # Another server's slot snapshot and backfill list mean nothing here.
+                control.execute("UPDATE outbox.relay_status SET backfill_snapshot = NULL, slot_creating = false, "
+                                "slot_created_lsn = NULL WHERE slot_name = %s", (s.slot_name,))
+                control.execute("DELETE FROM outbox.relay_backfill WHERE slot_name = %s", (s.slot_name,))
+            recorded = (None, None)
+        elif recorded[0] is not None and (recorded[0], recorded[1]) != (server.system_identifier, dboid):
+            raise FatalError(
+                f"outbox.relay_status of slot {s.slot_name!r} was recorded on PostgreSQL system {recorded[0]} "
+                f"(database oid {recorded[1]}), but this server is system {server.system_identifier} (database oid "
+                f"{dboid}): the database was copied to another server. Its recorded positions, transaction ids and "
+                f"watermark mean nothing here and would skip or prune unpublished events, so the relay stops. "
+                + RESET_FIX)
+        control.execute("UPDATE outbox.relay_status SET system_identifier = %s, database_oid = %s, timeline = %s "
+                        "WHERE slot_name = %s", (server.system_identifier, dboid, server.timeline, s.slot_name))
+        if s.delivery != "exactly-once":
+            self.reset_checkpoint = False  # nothing in Kafka to reset
+
+    def _identity(self, control: psycopg.Connection, server: ServerPosition) -> Identity:
+        database, dboid, created = control.execute(
+            "SELECT current_database(), (SELECT oid FROM pg_database WHERE datname = current_database()), "
+            "coalesce(slot_created_lsn::text, '') FROM outbox.relay_status WHERE slot_name = %s",
+            (self.s.slot_name,)).fetchone()
+        return Identity(server.system_identifier, server.timeline, int(dboid), database, self.s.slot_name, created)
+
+    def _checkpoint(self, control: psycopg.Connection, publisher: Publisher, identity: Identity,
+                    server: ServerPosition) -> Checkpoint:
+        """The exactly-once checkpoint of this identity, verified to describe this database."""
+        s = self.s
+        ensure_checkpoint_topic(s)
+        publisher.init_transactions()  # fences a zombie predecessor, settles its transaction
+        probe = publisher.write_aborted_probe(s.checkpoint_topic)
+        key = identity.key.encode()
+        if self.reset_checkpoint:
+            fresh = Checkpoint(identity)
+            publisher.begin()
+            publisher.commit(s.checkpoint_topic, key, fresh.to_json())
+            self.reset_checkpoint = False
+            log.warning("--reset-checkpoint: wrote an empty checkpoint for %s to %s", identity.key, s.checkpoint_topic)
+            return fresh
+        doc = read_checkpoint(s, key, probe)
+        if doc is None:
+            return Checkpoint(identity)
+        checkpoint = Checkpoint.from_json(doc)
+        known = checkpoint.batch_id == 0 or control.execute(
+            "SELECT EXISTS (SELECT 1 FROM outbox.relay_batches WHERE batch_id = %s AND slot_name = %s)",
+            (checkpoint.batch_id, s.slot_name)).fetchone()[0]
+        why = mismatch(checkpoint, identity, history=server.history, wal_lsn=server.wal_lsn, batch_known=known)
+        if why is not None:
+            raise FatalError(
+                f"the exactly-once checkpoint in Kafka (topic {s.checkpoint_topic!r}, key {identity.key!r}) does not "
+                f"describe this database: {why}. Using it could skip events that never reached Kafka, so the relay "
+                f"stops without skipping anything. " + RESET_FIX)
+        self.reset_checkpoint = False
+        # Positions and batch stay; the identity becomes this server's (a promotion moves the timeline on).
+        return replace(checkpoint, identity=identity)
 
     def _become_active(self, control: psycopg.Connection) -> bool:
         waiting_since = None
@@ -164,8 +292,7 @@ class Relay:
                 waiting_since = time.monotonic()
                 self.metrics.role = "standby"
                 log.info("relay %s is standby: another relay holds slot %s", self.s.relay_id, self.s.slot_name)
-            control.execute("UPDATE outbox.relay_instances SET heartbeat_at = now(), role = 'standby' "
-                            "WHERE relay_id = %s", (self.s.relay_id,))
+            ledger_sql.heartbeat(control, self.s.relay_id, "standby")
             self.metrics.tick()
             self.stop.wait(1.0)
         return False
@@ -174,11 +301,6 @@ class Relay:
         """Make sure the slot exists and is usable; returns the backfill snapshot if events committed
         before the slot existed still have to be published from the table."""
         s = self.s
-        control.execute(
-            "INSERT INTO outbox.relay_status (slot_name, delivery, active_relay_id) VALUES (%s, %s, %s) "
-            "ON CONFLICT (slot_name) DO UPDATE SET delivery = EXCLUDED.delivery, "
-            "active_relay_id = EXCLUDED.active_relay_id, updated_at = now()",
-            (s.slot_name, s.delivery, s.relay_id))
         creating, snapshot = control.execute(
             "SELECT slot_creating, backfill_snapshot::text FROM outbox.relay_status WHERE slot_name = %s",
             (s.slot_name,)).fetchone()
@@ -211,14 +333,19 @@ class Relay:
                 tx.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
                 tx.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(row[2])))
                 snapshot = tx.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+                # Exactly the committed events this slot will never stream, as of its own snapshot.
+                tx.execute("DELETE FROM outbox.relay_backfill WHERE slot_name = %s", (s.slot_name,))
+                listed = tx.execute(BACKFILL_LIST, {"slot": s.slot_name}).rowcount
         except psycopg.errors.QueryCanceled:
             raise Transient("slot creation cancelled by a stop request") from None
         finally:
             repl.close()
             watcher.join()
-        control.execute("UPDATE outbox.relay_status SET slot_creating = false, backfill_snapshot = %s::pg_snapshot "
-                        "WHERE slot_name = %s", (snapshot, s.slot_name))
-        log.info("created replication slot %s at %s", s.slot_name, row[1])
+        control.execute("UPDATE outbox.relay_status SET slot_creating = false, backfill_snapshot = %s::pg_snapshot, "
+                        "slot_created_lsn = %s::pg_lsn, slot_created_at = now() WHERE slot_name = %s",
+                        (snapshot, row[1], s.slot_name))
+        log.info("created replication slot %s at %s (%d earlier event(s) to publish from the table)", s.slot_name,
+                 row[1], listed)
         return snapshot
 
     def _report_slot_wait(self, repl: psycopg.Connection) -> None:
@@ -242,24 +369,23 @@ class Relay:
                 log.warning("creating slot %s waits for %d open transaction(s) to end: %s", self.s.slot_name,
                             len(rows), "; ".join(f"pid {p} {a!r} open {age} ({q})" for p, a, age, q in rows))
 
-    def _backfill(self, control: psycopg.Connection, pipeline: Pipeline, snapshot: str, position: int,
+    def _backfill(self, control: psycopg.Connection, pipeline: Pipeline, snapshot: str,
                   checkpoint: Checkpoint | None) -> None:
         s = self.s
-        watermark = control.execute("SELECT watermark_txid::text FROM outbox.relay_status WHERE slot_name = %s",
-                                    (s.slot_name,)).fetchone()[0]
         # Exactly-once resumes an interrupted backfill exactly after the last event Kafka committed.
         after = checkpoint.backfill_after if checkpoint and checkpoint.backfill_snapshot == snapshot else None
         started = time.monotonic()
         with psycopg.connect(self.dsn.secret(), connect_timeout=10) as reader:
             with reader.cursor(name="outbox_backfill") as cur:
                 cur.itersize = 2000
-                cur.execute(BACKFILL_QUERY, {"snapshot": snapshot, "watermark": watermark, "slot": s.slot_name,
-                                             "after_ts": after[0] if after else None,
+                cur.execute(BACKFILL_QUERY, {"slot": s.slot_name, "after_ts": after[0] if after else None,
                                              "after_id": after[1] if after else None})
                 rows = (tuple(None if v is None else v.encode() for v in r) for r in cur)
-                count = pipeline.backfill(rows, TABLE_LAYOUT, position, snapshot)
-        control.execute("UPDATE outbox.relay_status SET backfill_snapshot = NULL WHERE slot_name = %s",
-                        (s.slot_name,))
+                count = pipeline.backfill(rows, TABLE_LAYOUT, snapshot)
+        with control.transaction():
+            control.execute("UPDATE outbox.relay_status SET backfill_snapshot = NULL WHERE slot_name = %s",
+                            (s.slot_name,))
+            control.execute("DELETE FROM outbox.relay_backfill WHERE slot_name = %s", (s.slot_name,))
         if count:
             log.info("published %d events committed before the slot existed (%.1f s)", count,
                      time.monotonic() - started)
@@ -291,18 +417,6 @@ class Relay:
 
     # ----- bookkeeping
 
-    def _on_persisted(self, outcome: Outcome, published: int) -> None:
-        m = self.metrics
-        m.published.inc(published)
-        m.batches.labels(outcome.status).inc()
-        for dead in outcome.batch.dead:
-            m.dead_lettered.labels(dead.reason).inc()
-            log.error("event %s dead-lettered (%s): %s", dead.event_id.decode(), dead.reason, dead.error)
-        base = outcome.done_at - PG_EPOCH_UNIX_US / 1e6
-        observe = m.latency.observe
-        for ts in outcome.batch.commit_ts:
-            observe(base - ts / 1e6)
-
     def _register(self, control: psycopg.Connection) -> None:
         control.execute(
             "INSERT INTO outbox.relay_instances (relay_id, slot_name, role, delivery, host, pid) "
@@ -324,9 +438,10 @@ class Relay:
     def _record_error(self, message: str) -> None:
         try:
             with psycopg.connect(self.dsn.secret(), autocommit=True, connect_timeout=5) as conn:
+                message = redact(message)[:2000]
                 conn.execute("UPDATE outbox.relay_status SET last_error = %s, last_error_at = now() "
-                             "WHERE slot_name = %s", (message[:2000], self.s.slot_name))
+                             "WHERE slot_name = %s", (message, self.s.slot_name))
                 conn.execute("UPDATE outbox.relay_instances SET last_error = %s WHERE relay_id = %s",
-                             (message[:2000], self.s.relay_id))
+                             (message, self.s.relay_id))
         except psycopg.Error:
             pass  # the database may be what failed; the log has it

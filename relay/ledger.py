@@ -1,9 +1,11 @@
 """The relay's bookkeeping in PostgreSQL: batch intents and outcomes, delivery rows, dead letters.
 
 Intents are written synchronously on the daemon's control connection before a batch's first
-record is sent. Outcomes are written by a background thread on its own connection, several
-batches per transaction under load, and only then is a batch marked `persisted` so the slot may
-advance past it. Nothing here is on the per-event path of the daemon's thread.
+record is sent; in exactly-once mode the batch's xids and dead letters are also written there
+before its Kafka transaction commits (prepare_batch). Outcomes are written by a background thread
+on its own connection, several batches per transaction under load; each written batch is handed
+back through `Ledger.done` so the pipeline's thread may let the slot advance past it. Nothing here
+is on the per-event path of the daemon's thread.
 """
 
 from __future__ import annotations
@@ -11,15 +13,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
 
-from relay.checkpoint import Batch, Checkpoint, DeadLetter
+from relay.bookkeeper import Batch, DeadLetter
+from relay.checkpoint import Checkpoint
 from relay.pgoutput import lsn_to_str
 from relay.redact import Dsn
-from relay.router import Layout
 
 log = logging.getLogger("outbox.relay")
 
@@ -42,46 +43,100 @@ def open_batch(conn: psycopg.Connection, slot: str, relay_id: str, delivery: str
     ).fetchone()[0]
 
 
+def prepare_batch(conn: psycopg.Connection, slot: str, batch: Batch) -> None:
+    """Exactly-once, before the batch's Kafka transaction commits: its xids (what the in-flight view and
+    a backfill need to know the batch's transactions are done) and its dead letters, tagged with the
+    batch. settle_previous_batches() deletes them again if the Kafka transaction never committed."""
+    xids = [x.decode() for x in batch.xids]
+    with conn.transaction():
+        conn.execute("UPDATE outbox.relay_batches SET xids = %s::text[]::xid8[], "
+                     "max_xid = (SELECT max(x) FROM unnest(%s::text[]::xid8[]) x), ack_lsn = %s, dead_lettered = %s "
+                     "WHERE batch_id = %s",
+                     (xids, xids, lsn_to_str(batch.ack_lsn) if batch.ack_lsn is not None else None, len(batch.dead),
+                      batch.batch_id))
+        if batch.dead:
+            with conn.cursor() as cur:
+                insert_dead_letters(cur, slot, batch.batch_id, batch.dead)
+
+
+def record_progress(conn: psycopg.Connection, slot: str, relay_id: str, confirmed: int, watermark: str | None) -> None:
+    conn.execute("UPDATE outbox.relay_status SET confirmed_lsn = %s, watermark_txid = "
+                 "CASE WHEN %s::text IS NULL THEN watermark_txid ELSE greatest(watermark_txid, %s::text::xid8) END, "
+                 "active_relay_id = %s, updated_at = now() WHERE slot_name = %s",
+                 (lsn_to_str(confirmed), watermark, watermark, relay_id, slot))
+    heartbeat(conn, relay_id, "active")
+
+
+def heartbeat(conn: psycopg.Connection, relay_id: str, role: str) -> None:
+    conn.execute("UPDATE outbox.relay_instances SET heartbeat_at = now(), role = %s WHERE relay_id = %s",
+                 (role, relay_id))
+
+
+def settle(batch_ids: list[int], delivery: str, checkpoint: Checkpoint | None) -> list[tuple[int, str, str]]:
+    """Pure: what became of batches a stopped relay left in flight. (batch_id, status, resolution).
+
+    Exactly-once: the Kafka checkpoint says which committed (batch ids are increasing, and batches
+    commit in order). At-least-once: unknown; the slot replays their events, maybe twice."""
+    settled = []
+    for batch_id in batch_ids:
+        if checkpoint is not None and delivery == "exactly-once":
+            if batch_id <= checkpoint.batch_id:
+                settled.append((batch_id, "committed",
+                                "the Kafka checkpoint shows this transaction committed before the stop"))
+            else:
+                settled.append((batch_id, "aborted", "never committed in Kafka (read_committed consumers never "
+                                                     "saw it); its events are published again from the slot"))
+        else:
+            settled.append((batch_id, "unknown", "relay stopped before Kafka acknowledged this batch; its events "
+                                                 "are replayed from the slot, so consumers may see some of them "
+                                                 "twice (deduplicate on event_id)"))
+    return settled
+
+
 def settle_previous_batches(conn: psycopg.Connection, slot: str, delivery: str,
                             checkpoint: Checkpoint | None) -> list[tuple[int, str]]:
-    """Batches a crashed relay left in flight: their outcome was unknown at the crash.
-
-    Exactly-once: the Kafka checkpoint says which committed (batch ids are increasing).
-    At-least-once: unknown; the slot replays their events, so they are delivered, maybe twice.
-    Returns (batch_id, new status) for logging.
-    """
+    """Record settle()'s verdicts; an aborted batch's prepared dead letters are withdrawn (its events
+    are decided again when the slot replays them)."""
     rows = conn.execute("SELECT batch_id FROM outbox.relay_batches WHERE slot_name = %s AND status = 'in_flight' "
                         "ORDER BY batch_id", (slot,)).fetchall()
-    settled = []
-    for (batch_id,) in rows:
-        if checkpoint is not None and delivery == "exactly-once":
-            committed = batch_id <= checkpoint.batch_id
-            status = "committed" if committed else "aborted"
-            resolution = ("the Kafka checkpoint shows this transaction committed before the crash" if committed else
-                          "never committed in Kafka (read_committed consumers never saw it); its events are "
-                          "published again from the slot")
-        else:
-            status = "unknown"
-            resolution = ("relay stopped before Kafka acknowledged this batch; its events are replayed from the "
-                          "slot, so consumers may see some of them twice (deduplicate on event_id)")
-        conn.execute("UPDATE outbox.relay_batches SET status = %s, resolution = %s, finished_at = now() "
-                     "WHERE batch_id = %s", (status, resolution, batch_id))
-        settled.append((batch_id, status))
-    return settled
+    out = []
+    for batch_id, status, resolution in settle([r[0] for r in rows], delivery, checkpoint):
+        with conn.transaction():
+            conn.execute("UPDATE outbox.relay_batches SET status = %s, resolution = %s, finished_at = now() "
+                         "WHERE batch_id = %s", (status, resolution, batch_id))
+            if status == "aborted":
+                conn.execute("DELETE FROM outbox.relay_dead_letters WHERE slot_name = %s AND batch_id = %s",
+                             (slot, batch_id))
+        out.append((batch_id, status))
+    return out
+
+
+def restore_dead_letters(conn: psycopg.Connection, slot: str, checkpoint: Checkpoint) -> int:
+    """Dead letters the last checkpoint names but this database lacks (it lost the relay's last writes,
+    e.g. a failover): copied again from the outbox table. Returns how many were restored."""
+    restored = 0
+    for event_id, reason, error in checkpoint.dead:
+        restored += conn.execute(
+            "INSERT INTO outbox.relay_dead_letters (event_id, slot_name, batch_id, reason, error, aggregate_type, "
+            "aggregate_id, event_type, payload, headers, txid, created_at) "
+            "SELECT e.event_id, %(slot)s, NULL, %(reason)s, %(error)s, e.aggregate_type, e.aggregate_id, e.event_type, "
+            "e.payload::text, e.headers::text, e.txid, e.created_at FROM outbox.events e WHERE e.event_id = %(id)s "
+            "AND NOT EXISTS (SELECT 1 FROM outbox.relay_dead_letters d WHERE d.event_id = %(id)s "
+            "AND d.slot_name = %(slot)s)",
+            {"slot": slot, "reason": reason, "error": error, "id": event_id}).rowcount
+    return restored
 
 
 # ----- the background writer
 
 
 class Ledger:
-    def __init__(self, dsn: Dsn, slot: str, layout_of: Callable[[], Layout], track_deliveries: bool,
-                 on_persisted: Callable[[Outcome, int], None]):
+    def __init__(self, dsn: Dsn, slot: str, track_deliveries: bool):
         self.dsn = dsn
         self.slot = slot
-        self.layout_of = layout_of  # the outbox row layout, to read dead-lettered rows
         self.track_deliveries = track_deliveries
-        self.on_persisted = on_persisted  # (outcome, published) -> None, for metrics
         self.error: BaseException | None = None
+        self.done: queue.SimpleQueue[tuple[Outcome, int]] = queue.SimpleQueue()  # (outcome, events published)
         self._queue: queue.Queue[Outcome | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="outbox-ledger", daemon=True)
         self._conn: psycopg.Connection | None = None
@@ -128,7 +183,7 @@ class Ledger:
         for o in outcomes:
             published = 0
             bid = o.batch.batch_id
-            for event_id, future in zip(o.batch.event_ids, o.batch.futures):
+            for event_id, future in zip(o.batch.event_ids, o.batch.handles):
                 if future.exception is None:
                     published += 1
                     last = event_id
@@ -147,8 +202,8 @@ class Ledger:
                         "ack_lsn = %s, finished_at = now() WHERE batch_id = %s",
                         (o.status, published, len(b.dead), xids, xids,
                          lsn_to_str(b.ack_lsn) if b.ack_lsn is not None else None, b.batch_id))
-                    if b.dead:
-                        self._dead_letters(cur, b.batch_id, b.dead)
+                    if b.dead and o.status != "committed":  # exactly-once wrote them in prepare_batch()
+                        insert_dead_letters(cur, self.slot, b.batch_id, b.dead)
                 if lines:
                     with cur.copy("COPY outbox.deliveries (event_id, batch_id, topic, kafka_partition, kafka_offset) "
                                   "FROM STDIN") as copy:
@@ -164,25 +219,25 @@ class Ledger:
                     "WHERE slot_name = %s",
                     (published, dead, len(outcomes), last, published, self.slot))
         for o, published in zip(outcomes, counts):
-            o.batch.persisted = True
-            self.on_persisted(o, published)
+            self.done.put((o, published))
 
-    def _dead_letters(self, cur: psycopg.Cursor, batch_id: int, dead: list[DeadLetter]) -> None:
-        layout: Layout = self.layout_of()
-        rows = []
-        for d in dead:
-            r = d.row
-            rows.append((d.event_id.decode(), self.slot, batch_id, d.topic, d.reason, d.error,
-                         _text(r, layout.aggregate_type), _text(r, layout.aggregate_id), _text(r, layout.event_type),
-                         _text(r, layout.payload), _text(r, layout.headers), lsn_to_str(d.commit_lsn),
-                         _text(r, layout.txid), _text(r, layout.created_at)))
-        cur.executemany(
-            "INSERT INTO outbox.relay_dead_letters (event_id, slot_name, batch_id, topic, reason, error, "
-            "aggregate_type, aggregate_id, event_type, payload, headers, commit_lsn, txid, created_at) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::text::xid8, %s)", rows)
+
+def insert_dead_letters(cur: psycopg.Cursor, slot: str, batch_id: int, dead: list[DeadLetter]) -> None:
+    rows = []
+    for d in dead:
+        r, layout = d.row, d.layout
+        rows.append((d.event_id.decode(errors="backslashreplace"), slot, batch_id, None, d.reason, d.error,
+                     _text(r, layout.aggregate_type), _text(r, layout.aggregate_id), _text(r, layout.event_type),
+                     _text(r, layout.payload), _text(r, layout.headers), lsn_to_str(d.commit_lsn),
+                     _text(r, layout.txid), _text(r, layout.created_at)))
+    cur.executemany(
+        "INSERT INTO outbox.relay_dead_letters (event_id, slot_name, batch_id, topic, reason, error, "
+        "aggregate_type, aggregate_id, event_type, payload, headers, commit_lsn, txid, created_at) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::text::xid8, %s)", rows)
 
 
 def _text(row: tuple, i: int) -> str | None:
-    """Column i of a decoded row as text (None if absent or NULL), for the dead-letter copy."""
-    v = row[i] if i < len(row) else None
-    return v.decode("utf-8", errors="replace") if isinstance(v, bytes) else None
+    """Column i of a decoded row as text (None if absent, NULL or not in the layout), for the dead-letter
+    copy. Bytes that are not UTF-8 (a SQL_ASCII database) are kept as backslash escapes, not dropped."""
+    v = row[i] if 0 <= i < len(row) else None
+    return v.decode("utf-8", errors="backslashreplace") if isinstance(v, bytes) else None

@@ -2,7 +2,8 @@
 
     GET /metrics   Prometheus text format
     GET /healthz   200 {"status": "ok", ...} while the daemon loop is alive (active or standby),
-                   503 when it stalled or stopped with an error
+                   503 when it stopped with an error, its loop is stuck, or events have waited with
+                   nothing acknowledged for OUTBOX_STALL_TIMEOUT_S (publishing_stalled)
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from relay.redact import redact
 
 
 class RelayMetrics:
@@ -40,15 +43,18 @@ class RelayMetrics:
         self.role = "starting"
         self.last_error: str | None = None
         self.healthy = True
+        self.stalled = False  # events wait and nothing was acknowledged for OUTBOX_STALL_TIMEOUT_S
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()
 
     def health(self) -> tuple[int, dict]:
-        stalled = time.monotonic() - self.last_tick > 60
-        ok = self.healthy and not stalled
-        body = {"status": "ok" if ok else "unhealthy", "role": self.role, "last_error": self.last_error,
-                "seconds_since_loop": round(time.monotonic() - self.last_tick, 1)}
+        loop_stuck = time.monotonic() - self.last_tick > 60
+        ok = self.healthy and not loop_stuck and not self.stalled
+        body = {"status": "ok" if ok else "unhealthy", "role": self.role,
+                "last_error": redact(self.last_error) if self.last_error else None,
+                "seconds_since_loop": round(time.monotonic() - self.last_tick, 1),
+                "publishing_stalled": self.stalled}
         return (200 if ok else 503), body
 
 

@@ -1,8 +1,12 @@
-"""The streaming stage: replication frames -> pgoutput changes -> Kafka records -> acknowledgements.
+"""The streaming stage: the I/O loop around the Bookkeeper.
 
-One thread runs this loop; kafka-python's sender thread does the network I/O and the ledger
-thread writes outcomes to PostgreSQL. Per event the loop decodes, routes and hands a record to
-the producer; everything else (batch bookkeeping, feedback, maintenance) is per batch or timed.
+replication frames -> pgoutput messages -> Router -> Bookkeeper -> actions performed here:
+intents and exactly-once preparations on the control connection, records to kafka-python's
+producer, outcomes to the ledger thread, confirmed positions back to PostgreSQL. Every decision
+(what joins which batch, what is skipped, dead-lettered or confirmed) is the Bookkeeper's; this
+module only moves bytes and reports what happened. One thread runs it; kafka-python's sender
+thread does the network I/O and the ledger thread writes outcomes, handing finished batches back
+through a queue so that the Bookkeeper is only ever touched by this thread.
 
 Backpressure: when more than OUTBOX_MAX_INFLIGHT_EVENTS / _BYTES are unacknowledged the loop
 stops reading the replication socket (the walsender then waits) but keeps sending feedback, so
@@ -12,24 +16,23 @@ memory stays bounded whatever the size of a source transaction.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import psycopg
 from kafka import errors as kerr
 
 from relay import ledger as ledger_sql
-from relay.checkpoint import AckQueue, Batch, Checkpoint, DeadLetter
+from relay.bookkeeper import CLOSE, OPEN, PERSIST, SEND, Batch, Bookkeeper, Failure, Restart
+from relay.checkpoint import Checkpoint
 from relay.ledger import Ledger, Outcome
 from relay.metrics import RelayMetrics
-from relay.pgoutput import (
-    Begin, Commit, Delete, Insert, Relation, Truncate, Update, decode, insert_at, lsn_to_str, str_to_lsn,
-)
-from relay.publisher import Failure, Fenced, Publisher, classify
+from relay.pgoutput import Begin, Commit, Delete, Insert, Relation, Truncate, Update, decode, insert_at, str_to_lsn
+from relay.publisher import Fenced, Publisher, TopicProvisioner, classify
 from relay.replication import Keepalive, ReplicationStream, XLogData, now_pg, parse_frame
-from relay.router import Layout, Router, RouteError, Txn
+from relay.router import Layout, Router, RouteError, SchemaError, Txn
 from relay.settings import Settings
 from relay.slot import PUBLICATION_GONE_FIX, FatalError
 
@@ -58,23 +61,16 @@ class Refused:
         self.exception = RuntimeError(failure.message)
 
 
-@dataclass(slots=True)
-class OpenTxn:
-    info: Txn
-    final_lsn: int
-    commit_ts: int
-    skip_all: bool = False  # exactly-once: already fully in a committed Kafka transaction
-    skip_left: int = 0  # exactly-once: this many leading events already committed
-    index: int = 0  # outbox events of this transaction seen so far (skipped included)
-    events: int = 0  # events of this transaction in the current session's batches
-    txid: bytes | None = None
+def failure_of(handle) -> Failure:
+    return handle.failure if type(handle) is Refused else classify(handle.exception)
 
 
 class Pipeline:
     def __init__(self, *, settings: Settings, control: psycopg.Connection, stream: ReplicationStream,
                  publisher: Publisher, ledger: Ledger, metrics: RelayMetrics, stop: threading.Event,
-                 confirmed_lsn: int, checkpoint: Checkpoint | None, poison: dict[bytes, Failure]):
-        self.s = settings
+                 confirmed_lsn: int, checkpoint: Checkpoint | None, poison: dict[bytes, Failure],
+                 topics: TopicProvisioner):
+        s = self.s = settings
         self.control = control
         self.stream = stream
         self.publisher = publisher
@@ -82,29 +78,27 @@ class Pipeline:
         self.metrics = metrics
         self.stop = stop
         self.eos = settings.delivery == "exactly-once"
-        self.checkpoint = checkpoint or Checkpoint()
-        self.poison = poison
+        self.topics = topics
+        self.bk = Bookkeeper(
+            exactly_once=self.eos, batch_max_events=s.batch_max_events, batch_max_bytes=BATCH_MAX_BYTES,
+            batch_max_age_s=s.batch_max_age_ms / 1000, max_inflight_events=s.max_inflight_events,
+            max_inflight_bytes=s.max_inflight_bytes, confirmed=confirmed_lsn, now=time.monotonic(),
+            checkpoint=checkpoint, poison=poison)
         self.router = Router(settings.topic_template)
         self.layouts: dict[int, Layout] = {}
-        self.layout: Layout | None = None
-        self.queue = AckQueue(confirmed_lsn)
-        self.batch: Batch | None = None
-        self.txn: OpenTxn | None = None
-        self.inflight_events = 0
-        self.inflight_bytes = 0
-        self.received_lsn = confirmed_lsn
+        self.txn_info: Txn | None = None
         self.status_due = False
         self.watermarks: list[tuple[int, str]] = []
         self.watermark: str | None = None
         self.outbox_activity = False
-        self.staged: list[tuple[Batch, int, object]] = []  # routed, not yet handed to the producer
-        self.backfill_snapshot = ""
+        self.staged: list = []  # SEND actions not yet handed to the producer
         self._warned: set[str] = set()
+        self._sent_confirmed = confirmed_lsn
 
     # ----- the loop
 
     def run(self) -> None:
-        s = self.s
+        s, bk = self.s, self.bk
         read = self.stream.read_raw
         on_message = self._on_message
         on_row = self._on_row
@@ -112,20 +106,16 @@ class Pipeline:
         next_status, next_maintenance, next_heartbeat = now, now, now + s.heartbeat_interval_s
         stopping_since = 0.0
         while True:
-            if self.ledger.error is not None:
-                raise Transient(f"writing the relay ledger failed: {self.ledger.error}")
             self._collect()
-            if self.queue.advance():
-                self.status_due = True
             now = time.monotonic()
             if self.stop.is_set():
                 # Let the source transaction in progress finish first (bounded), so that a graceful
                 # stop leaves nothing to replay: no duplicates even in at-least-once mode.
                 stopping_since = stopping_since or now
-                if self.txn is None or now - stopping_since > STOP_GRACE_S:
+                if bk.txn is None or now - stopping_since > STOP_GRACE_S:
                     self.drain()
                     return
-            if self.status_due or now >= next_status:
+            if self.status_due or now >= next_status or bk.confirmed != self._sent_confirmed:
                 self._send_status()
                 next_status = now + s.status_interval_s
             if now >= next_maintenance:
@@ -135,19 +125,20 @@ class Pipeline:
                 self._heartbeat()
                 next_heartbeat = now + s.heartbeat_interval_s
             self.metrics.tick()
-            if self._saturated():
+            self.metrics.stalled = bk.stalled(now, s.stall_timeout_s)
+            if bk.saturated:
                 time.sleep(0.001)  # backpressure: let Kafka catch up before reading more
                 continue
-            timeout = 0.002 if (self.batch is not None or not self.queue.idle) else 0.2
+            timeout = 0.002 if not bk.idle else 0.2
             for i in range(5000):
                 raw = read(0)
                 if raw is None:
-                    # Nothing more buffered: send what is staged before waiting, or a quiet stream
+                    # Nothing more buffered: perform what is staged before waiting, or a quiet stream
                     # would hold a record back until the stage fills (latency).
-                    self._send_staged()
+                    self._perform()
                     raw = read(timeout)
                     if raw is None:
-                        self._on_idle()
+                        bk.tick(time.monotonic())
                         break
                 if raw[0] == 0x77 and raw[25] == 0x49:  # XLogData carrying an Insert: the hot path
                     on_row(*insert_at(bytes(raw), 25))
@@ -156,28 +147,31 @@ class Pipeline:
                 if type(frame) is XLogData:
                     on_message(frame.payload)
                 else:
-                    self._on_keepalive(frame)
-                if (i & 63) == 63 and (self._saturated() or (self.txn is None and self.stop.is_set())):
+                    bk.keepalive(frame.wal_end)
+                    if frame.reply_requested:
+                        self.status_due = True
+                if (i & 63) == 63 and (bk.saturated or (bk.txn is None and self.stop.is_set())):
                     break
-            self._send_staged()
-
-    def _saturated(self) -> bool:
-        return self.inflight_events >= self.s.max_inflight_events or self.inflight_bytes >= self.s.max_inflight_bytes
+            self._perform()
 
     # ----- messages
 
     def _on_message(self, payload: bytes) -> None:
         msg = decode(payload)
         kind = type(msg)
+        bk = self.bk
+        now = time.monotonic()
         if kind is Insert:
             self._on_row(msg.relation_oid, msg.new)
         elif kind is Begin:
-            self._on_begin(msg)
+            self.txn_info = Txn.of(msg.final_lsn, msg.commit_ts)
+            bk.begin(msg.final_lsn, msg.commit_ts)
         elif kind is Commit:
-            self._on_commit(msg)
+            bk.commit(msg.commit_lsn, msg.end_lsn, now)
+            self._perform_if_structural()
         elif kind is Relation:
             if (msg.namespace, msg.name) == ("outbox", "events"):
-                self.layout = self.layouts[msg.oid] = Layout.of(msg)
+                self._on_relation(msg)
             else:
                 self._warn_once("relation", f"publication {self.s.publication!r} also publishes "
                                 f"{msg.namespace}.{msg.name}; only outbox.events is relayed")
@@ -186,209 +180,191 @@ class Pipeline:
                             f"they are ignored. Fix: ALTER PUBLICATION {self.s.publication} SET (publish = 'insert')")
         # Logical messages (our heartbeats, other applications'), Origin and Type carry nothing to relay.
 
-    def _on_begin(self, m: Begin) -> None:
-        txn = OpenTxn(Txn.of(m.final_lsn, m.commit_ts), m.final_lsn, m.commit_ts)
-        if self.eos:
-            txn.skip_all = self.checkpoint.skip_transaction(m.final_lsn)
-            txn.skip_left = self.checkpoint.events_to_skip(m.final_lsn)
-        self.txn = txn
+    def _on_relation(self, msg: Relation) -> None:
+        try:
+            layout = Layout.of(msg)
+        except SchemaError as exc:
+            # event_id itself is gone: nothing could even be dead-lettered. Stop with the fix.
+            raise FatalError(str(exc)) from None
+        if layout.missing:
+            log.error("outbox.events changed while the relay runs: %s", layout.problem)
+        self.layouts[msg.oid] = layout
+        self.bk.set_layout(layout)
 
     def _on_row(self, relation_oid: int, row: tuple) -> None:
         layout = self.layouts.get(relation_oid)
-        txn = self.txn
-        if layout is None or txn is None:
+        bk = self.bk
+        if layout is None or bk.skip_event():
             return
         self.outbox_activity = True
-        if txn.skip_all or txn.skip_left:
-            txn.index += 1
-            if txn.skip_left:
-                txn.skip_left -= 1
-            return
-        # Rotate batches before counting this event: a batch closed here must record how many of the
-        # transaction's events it (and earlier ones) hold, and this one goes to the next batch.
-        batch = self._batch_for_event()
-        txn.index += 1
-        txn.txid = row[layout.txid]
-        txn.events += 1
         event_id = row[layout.event_id]
-        poisoned = self.poison.get(event_id)
-        if poisoned is not None:
-            batch.dead.append(DeadLetter(event_id, poisoned.reason, poisoned.message, None, row, txn.final_lsn))
-            return
+        txid = row[layout.txid] if layout.txid >= 0 else None
         try:
-            record = self.router.route(layout, row, txn.info)
+            record = self.router.route(layout, row, self.txn_info)
         except RouteError as exc:
-            batch.dead.append(DeadLetter(event_id, exc.reason, str(exc), None, row, txn.final_lsn))
+            bk.unroutable(event_id, txid, row, exc.reason, str(exc), time.monotonic())
             return
-        batch.add(None, event_id, txn.commit_ts, record.size)
-        batch.rows.append(row)
-        self.inflight_events += 1
-        self.inflight_bytes += record.size
-        staged = self.staged
-        staged.append((batch, len(batch.futures) - 1, record))
-        if len(staged) >= STAGE_EVENTS:
-            self._send_staged()
+        bk.event(event_id, txid, row, record, time.monotonic())
+        if len(bk.actions) >= STAGE_EVENTS or bk.saturated:
+            self._perform()
 
-    def _send_staged(self) -> None:
-        """Hand staged records to the producer. Decoding a run of events and then sending the run
-        costs ~20% less CPU than alternating per event (measured: the two code paths evict each
-        other from the CPU caches), and kafka-python's send() is most of the relay's time."""
-        send = self.publisher.send
-        for batch, index, record in self.staged:
-            try:
-                batch.futures[index] = send(record.topic, record.value, record.key, record.headers)
-            except kerr.MessageSizeTooLargeError as exc:
-                batch.futures[index] = Refused(classify(exc))
-            except ValueError as exc:
-                batch.futures[index] = Refused(Failure(True, "invalid_record", str(exc)))
-            except (kerr.KafkaTimeoutError, kerr.IllegalStateError) as exc:
-                raise Transient(f"Kafka did not accept a record: {exc}") from exc
-        self.staged.clear()
+    # ----- actions
 
-    def _on_commit(self, m: Commit) -> None:
-        txn, self.txn = self.txn, None
-        batch = self.batch
-        if txn is not None and txn.events and batch is not None:
-            batch.xids.append(txn.txid)
-            batch.partial_commit_lsn = batch.partial_events = 0
-        if batch is not None:
-            batch.ack_lsn = m.end_lsn
-            batch.last_commit_lsn = m.commit_lsn
-            if time.monotonic() - batch.opened_at >= self.s.batch_max_age_ms / 1000:
-                self._close_batch()
-        else:
-            self.queue.mark(m.end_lsn)  # nothing of ours in it: acknowledge once everything before is
-        self.received_lsn = max(self.received_lsn, m.end_lsn)
+    def _perform_if_structural(self) -> None:
+        """Perform at once what closes batches (the commit order must not wait for the stage)."""
+        actions = self.bk.actions
+        if actions and actions[-1][0] is not SEND:
+            self._perform()
 
-    def _on_keepalive(self, k: Keepalive) -> None:
-        self.received_lsn = max(self.received_lsn, k.wal_end)
-        # Only between transactions and with nothing pending may the slot move to the server's
-        # position: that is what lets it advance past WAL of unrelated tables.
-        if self.txn is None and self.batch is None and self.queue.idle:
-            self.queue.mark(k.wal_end)
-        if k.reply_requested:
-            self.status_due = True
-
-    def _on_idle(self) -> None:
-        batch = self.batch
-        if batch is not None and self.txn is None and \
-                time.monotonic() - batch.opened_at >= self.s.batch_max_age_ms / 1000:
-            self._close_batch()
-
-    # ----- batches
-
-    def _batch_for_event(self) -> Batch:
-        batch = self.batch
-        if batch is not None and (len(batch.futures) + len(batch.dead) >= self.s.batch_max_events
-                                  or batch.nbytes >= BATCH_MAX_BYTES):
-            self._close_batch()
-            batch = None
-        if batch is None:
-            batch = self._open_batch()
-        return batch
-
-    def _open_batch(self) -> Batch:
-        first = self.txn.final_lsn if self.txn else self.received_lsn
-        batch_id = ledger_sql.open_batch(self.control, self.s.slot_name, self.s.relay_id, self.s.delivery, first)
-        if self.eos:
-            self.publisher.begin()
-        batch = Batch(batch_id, first)
-        self.queue.add(batch)
-        self.batch = batch
-        return batch
-
-    def _close_batch(self) -> None:
-        self._send_staged()
-        batch, self.batch = self.batch, None
-        txn = self.txn
-        if txn is not None and not txn.skip_all:
-            # Closing inside a source transaction (size limit): remember how far into it we are.
-            batch.partial_commit_lsn, batch.partial_events = txn.final_lsn, txn.index
-        batch.closed = True
-        if self.eos:
-            self._commit(batch)
+    def _perform(self) -> None:
+        """Do what the Bookkeeper asked, in order. Sends are handed to the producer in runs: decoding
+        a run of events and then sending the run costs ~20% less CPU than alternating per event."""
+        bk = self.bk
+        while bk.actions:
+            actions, bk.actions = bk.actions, []
+            send = self.publisher.send
+            for action in actions:
+                kind = action[0]
+                if kind is SEND:
+                    _, batch, i, record = action
+                    if record.topic not in self.topics.known:
+                        self.topics.ensure(record.topic)
+                    try:
+                        batch.handles[i] = send(record.topic, record.value, record.key, record.headers)
+                    except kerr.MessageSizeTooLargeError as exc:
+                        batch.handles[i] = Refused(_refused(classify(exc)))
+                    except ValueError as exc:
+                        batch.handles[i] = Refused(Failure(True, "invalid_record", str(exc), refused=True))
+                    except (kerr.KafkaTimeoutError, kerr.IllegalStateError) as exc:
+                        raise Transient(f"Kafka did not accept a record: {exc}") from exc
+                elif kind is OPEN:
+                    batch = action[1]
+                    first = batch.first_lsn or bk.received
+                    batch.batch_id = ledger_sql.open_batch(self.control, self.s.slot_name, self.s.relay_id,
+                                                           self.s.delivery, first)
+                    if self.eos:
+                        self.publisher.begin()
+                elif kind is CLOSE:
+                    if self.eos:
+                        self._commit(action[1])
+                    elif not action[1].event_ids:
+                        bk.records_done(action[1], [])
+                elif kind is PERSIST:
+                    batch = action[1]
+                    self.ledger.submit(Outcome(batch, "committed" if self.eos else "acked", time.time()))
 
     def _commit(self, batch: Batch) -> None:
-        checkpoint = Checkpoint.after(batch, self.checkpoint, self.backfill_snapshot)
+        """Exactly-once: every record in Kafka's hands, dead letters durable, then one commit."""
+        bk = self.bk
         try:
-            self.publisher.commit(self.s.checkpoint_topic, self.s.slot_name.encode(), checkpoint.to_json())
+            self.publisher.producer.flush()
+        except kerr.KafkaError as exc:
+            self.publisher.abort()
+            raise Transient(f"Kafka did not take batch {batch.batch_id}: {exc}") from exc
+        failures = [(i, failure_of(h)) for i, h in enumerate(batch.handles) if h.exception is not None]
+        try:
+            bk.records_done(batch, failures)
+        except Restart:
+            self.publisher.abort()
+            raise
+        checkpoint = bk.checkpoint_for(batch)
+        # A source transaction may be skipped only when every event of it is in Kafka or durably
+        # dead-lettered: the dead letters and the batch's xids are written before the commit.
+        ledger_sql.prepare_batch(self.control, self.s.slot_name, batch)
+        try:
+            self.publisher.commit(self.s.checkpoint_topic, self.checkpoint_key, checkpoint.to_json())
         except Fenced:
             raise
         except kerr.KafkaError as exc:
-            for event_id, future in zip(batch.event_ids, batch.futures):
-                if future.is_done and future.exception is not None:
-                    failure = future.failure if type(future) is Refused else classify(future.exception)
-                    if failure.permanent:
-                        self.poison[event_id] = failure  # dead-lettered when the slot replays it
             self.publisher.abort()
             raise Transient(f"Kafka transaction of batch {batch.batch_id} failed and was aborted: {exc}") from exc
-        self.checkpoint = checkpoint
+        bk.committed(batch, checkpoint)
+
+    @property
+    def checkpoint_key(self) -> bytes:
+        identity = self.bk.checkpoint.identity
+        return (identity.key if identity else self.s.slot_name).encode()
 
     def _collect(self) -> None:
-        """Hand batches whose records all have an outcome to the ledger, in stream order."""
-        for batch in self.queue.pending_batches():
-            if batch.handed_over:
-                continue
-            if not batch.closed or not batch.kafka_done():
-                return
-            for row, event_id, future in zip(batch.rows, batch.event_ids, batch.futures):
-                if future.exception is None:
-                    continue
-                failure = future.failure if type(future) is Refused else classify(future.exception)
-                if not failure.permanent:
-                    raise Transient(f"Kafka did not acknowledge batch {batch.batch_id}: {failure.message}")
-                batch.dead.append(DeadLetter(event_id, failure.reason, failure.message, None, row,
-                                             batch.first_lsn))
-            batch.handed_over = True
-            self.inflight_events -= len(batch.futures)
-            self.inflight_bytes -= batch.nbytes
-            self.ledger.submit(Outcome(batch, "committed" if self.eos else "acked", time.time()))
+        """Outcomes: records Kafka finished (at-least-once) and batches the ledger wrote."""
+        bk = self.bk
+        if self.ledger.error is not None:
+            raise Transient(f"writing the relay ledger failed: {self.ledger.error}")
+        if not self.eos:
+            for batch in list(bk.awaiting_kafka()):
+                handles = batch.handles
+                i = batch.checked
+                while i < len(handles) and handles[i].is_done:
+                    i += 1
+                batch.checked = i
+                if i < len(handles):
+                    break  # batches finish in order; the rest can wait
+                failures = [(k, failure_of(h)) for k, h in enumerate(handles) if h.exception is not None]
+                try:
+                    bk.records_done(batch, failures)
+                except Restart as exc:
+                    raise Transient(str(exc)) from None
+            self._perform()
+        done = self.ledger.done
+        while True:
+            try:
+                outcome, published = done.get_nowait()
+            except queue.Empty:
+                break
+            bk.persisted(outcome.batch, time.monotonic())
+            self._on_persisted(outcome, published)
+
+    def _on_persisted(self, outcome: Outcome, published: int) -> None:
+        m = self.metrics
+        m.published.inc(published)
+        m.batches.labels(outcome.status).inc()
+        for dead in outcome.batch.dead:
+            m.dead_lettered.labels(dead.reason).inc()
+            log.error("event %s dead-lettered (%s): %s", dead.event_id.decode(errors="replace"), dead.reason,
+                      dead.error)
+        if outcome.batch.first_lsn == 0:
+            return  # backfilled: their commit time is unknown, they would only distort the histogram
+        base = outcome.done_at - 946_684_800  # Unix seconds of the PostgreSQL epoch
+        observe = m.latency.observe
+        for ts in outcome.batch.commit_ts:
+            observe(base - ts / 1e6)
 
     def drain(self, timeout: float = 60) -> None:
         """Graceful stop: finish the open batch, wait for Kafka and the ledger, acknowledge."""
-        self._send_staged()
-        if self.batch is not None:
-            self._close_batch()
+        self.bk.close()
+        self._perform()
         self.publisher.producer.flush(timeout=timeout)
         deadline = time.monotonic() + timeout
-        while not self.queue.idle and time.monotonic() < deadline:
-            if self.ledger.error is not None:
-                raise Transient(f"writing the relay ledger failed: {self.ledger.error}")
+        while self.bk.queue and time.monotonic() < deadline:
             self._collect()
-            self.queue.advance()
             time.sleep(0.005)
         self._send_status()
 
-    def backfill(self, rows: Iterable[tuple], layout: Layout, slot_start: int, snapshot: str) -> int:
+    def backfill(self, rows: Iterable[tuple], layout: Layout, snapshot: str) -> int:
         """Publish rows read from the table (events the slot will never stream), then wait for them.
-
-        Their real commit LSN is unknown. They are given slot_start - 1: below every streamed commit,
-        so an exactly-once checkpoint taken during the backfill never skips a streamed transaction
-        (the first one may commit exactly at the slot's start). outbox_commit_ts carries the event's
-        created_at (the last column of each row)."""
-        self.layouts[layout.oid] = layout
-        self.backfill_snapshot = snapshot
-        commit_lsn = slot_start - 1
+        outbox_commit_ts carries the event's created_at (the last column of each row)."""
+        bk = self.bk
+        bk.set_layout(layout)
+        bk.backfill_snapshot = snapshot
         count = 0
         for row in rows:
-            txid = row[layout.txid]
-            if self.txn is None or self.txn.txid != txid:
-                if self.txn is not None:
-                    self._on_commit(Commit(0, commit_lsn, commit_lsn, self.txn.commit_ts))
-                self._on_begin(Begin(commit_lsn, int(row[-1]), 0))
-                self.txn.skip_all, self.txn.skip_left = False, 0
-                self.txn.txid = txid
-            self._on_row(layout.oid, row)
-            if self.batch is not None:
-                self.batch.backfill_after = (row[layout.created_at].decode(), row[layout.event_id].decode())
+            event_id, txid = row[layout.event_id], row[layout.txid]
+            commit_ts = int(row[-1])
+            after = (row[layout.created_at].decode(), event_id.decode())
+            record = error = None
+            try:
+                record = self.router.route(layout, row, Txn.of(0, commit_ts))
+            except RouteError as exc:
+                error = (exc.reason, str(exc))
+            bk.backfill(event_id, txid, row, record, error, commit_ts, after, time.monotonic())
             count += 1
-            while self._saturated():
-                self._send_staged()
+            if len(bk.actions) >= STAGE_EVENTS:
+                self._perform()
+            while bk.saturated:
+                self._perform()
                 self._collect()
-                self.queue.advance()
                 time.sleep(0.001)
-        if self.txn is not None:
-            self._on_commit(Commit(0, commit_lsn, commit_lsn, self.txn.commit_ts))
+        bk.end_backfill(time.monotonic())
         self.drain()
         return count
 
@@ -397,18 +373,20 @@ class Pipeline:
     def _send_status(self) -> None:
         if not self.stream.is_open:  # backfilling before the stream starts
             return
-        self.stream.send_status(max(self.received_lsn, self.queue.confirmed), self.queue.confirmed)
-        self.metrics.confirmed_lsn.set(self.queue.confirmed)
+        confirmed = self.bk.confirmed
+        self.stream.send_status(max(self.bk.received, confirmed), confirmed)
+        self._sent_confirmed = confirmed
+        self.metrics.confirmed_lsn.set(confirmed)
         self.status_due = False
 
     def _maintenance(self) -> None:
-        c = self.control
+        c, bk = self.control, self.bk
         insert_lsn, xmin = c.execute(
             "SELECT pg_current_wal_insert_lsn()::text, pg_snapshot_xmin(pg_current_snapshot())::text").fetchone()
         # Once everything up to insert_lsn is acknowledged, every transaction below xmin has been
         # published: it had finished before that position was read.
         self.watermarks.append((str_to_lsn(insert_lsn), xmin))
-        while self.watermarks and self.watermarks[0][0] <= self.queue.confirmed:
+        while self.watermarks and self.watermarks[0][0] <= bk.confirmed:
             self.watermark = self.watermarks.pop(0)[1]
         lag = c.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, wal_status, "
                         "EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = %s AND schemaname = 'outbox' "
@@ -425,18 +403,11 @@ class Pipeline:
             if lag[1] == "unreserved":
                 self._warn_once("unreserved", f"slot {self.s.slot_name!r} is about to be invalidated "
                                 f"(wal_status=unreserved): the relay is too far behind max_slot_wal_keep_size")
-        pending = self.queue.pending_batches()
-        oldest = next((b.commit_ts[0] for b in pending if b.commit_ts), None)
+        oldest = next((b.commit_ts[0] for b in bk.pending() if b.commit_ts and b.first_lsn), None)
         self.metrics.slot_lag_seconds.set(max(0.0, (now_pg() - oldest) / 1e6) if oldest is not None else 0.0)
-        self.metrics.inflight_events.set(self.inflight_events)
-        self.metrics.inflight_bytes.set(self.inflight_bytes)
-        c.execute("UPDATE outbox.relay_status SET confirmed_lsn = %s, watermark_txid = "
-                  "CASE WHEN %s::text IS NULL THEN watermark_txid ELSE greatest(watermark_txid, %s::text::xid8) END, "
-                  "active_relay_id = %s, updated_at = now() WHERE slot_name = %s",
-                  (lsn_to_str(self.queue.confirmed), self.watermark, self.watermark, self.s.relay_id,
-                   self.s.slot_name))
-        c.execute("UPDATE outbox.relay_instances SET heartbeat_at = now(), role = 'active' WHERE relay_id = %s",
-                  (self.s.relay_id,))
+        self.metrics.inflight_events.set(bk.inflight_events)
+        self.metrics.inflight_bytes.set(bk.inflight_bytes)
+        ledger_sql.record_progress(c, self.s.slot_name, self.s.relay_id, bk.confirmed, self.watermark)
 
     def _heartbeat(self) -> None:
         # A tiny transaction in this database gives the slot a position to confirm (and its
@@ -449,3 +420,7 @@ class Pipeline:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(message)
+
+
+def _refused(failure: Failure) -> Failure:
+    return Failure(failure.permanent, failure.reason, failure.message, refused=True)

@@ -12,13 +12,12 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as kerr
-from kafka.admin import NewTopic
 from kafka.codec import has_lz4, has_zstd
 
+from relay.bookkeeper import Failure
 from relay.settings import Settings
 from relay.slot import FatalError
 
@@ -44,13 +43,6 @@ _FIX = {
 
 class Fenced(Exception):
     """Another relay with the same transactional id took over (exactly-once zombie fencing)."""
-
-
-@dataclass(frozen=True)
-class Failure:
-    permanent: bool
-    reason: str
-    message: str
 
 
 def classify(exc: BaseException) -> Failure:
@@ -159,20 +151,81 @@ def unreachable_hint(settings: Settings) -> str:
 
 def ensure_checkpoint_topic(settings: Settings) -> None:
     """The exactly-once checkpoint topic: one partition, compacted (latest checkpoint per relay)."""
-    ensure_topic(settings.kafka_client(), settings.checkpoint_topic, 1,
-                 {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"})
+    with TopicProvisioner(settings) as topics:
+        topics.ensure(settings.checkpoint_topic, partitions=1,
+                      configs={"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"})
 
 
 def ensure_topic(client: dict, topic: str, partitions: int, configs: dict[str, str] | None = None) -> None:
     """Create `topic` unless it exists. `client`: KafkaAdminClient options (Settings.kafka_client())."""
     admin = KafkaAdminClient(**client, client_id="outbox-relay-admin")
     try:
-        if topic not in admin.list_topics():
-            admin.create_topics([NewTopic(topic, partitions, 1, topic_configs=configs or {})])
-    except kerr.TopicAlreadyExistsError:
-        pass  # created concurrently
+        admin.create_topics({topic: {"num_partitions": partitions, "configs": configs or {}}}, raise_errors=False)
     finally:
         admin.close()
+
+
+_CREATE_FORBIDDEN = (kerr.TopicAuthorizationFailedError, kerr.ClusterAuthorizationFailedError)
+
+
+class TopicProvisioner:
+    """Makes sure a topic exists before the first record is sent to it, instead of relying on the
+    broker's auto-creation (which managed services turn off; the producer would then wait for
+    metadata until it times out, over and over). Once per topic and session, off the per-event path."""
+
+    def __init__(self, settings: Settings):
+        self.s = settings
+        self.known: set[str] = set()
+        self._admin: KafkaAdminClient | None = None
+
+    def __enter__(self) -> "TopicProvisioner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+
+    def ensure(self, topic: str, partitions: int | None = None, configs: dict[str, str] | None = None) -> None:
+        s = self.s
+        if self._admin is None:
+            self._admin = KafkaAdminClient(**s.kafka_client(), client_id=f"outbox-relay-admin-{s.relay_id}")
+        admin = self._admin
+        if s.topic_create:
+            spec = {"num_partitions": partitions or s.topic_partitions or -1,
+                    "replication_factor": s.topic_replication_factor or -1, "configs": configs or {}}
+            result = admin.create_topics({topic: spec}, raise_errors=False)
+            error = kerr.for_code(result["topics"][0]["error_code"])
+            if error is kerr.NoError:
+                admin.wait_for_topics([topic])
+                log.info("created topic %s (%s partitions, replication factor %s)", topic,
+                         spec["num_partitions"] if spec["num_partitions"] > 0 else "broker default",
+                         spec["replication_factor"] if spec["replication_factor"] > 0 else "broker default")
+            elif error is not kerr.TopicAlreadyExistsError and not issubclass(error, _CREATE_FORBIDDEN):
+                message = result["topics"][0].get("error_message") or error.__name__
+                raise FatalError(
+                    f"creating topic {topic!r} was refused by the broker ({error.__name__}: {message}). Fix: create "
+                    f"it yourself, or adjust OUTBOX_TOPIC_PARTITIONS / OUTBOX_TOPIC_REPLICATION_FACTOR "
+                    f"(unset = the broker's num.partitions / default.replication.factor) to what the cluster allows.")
+            elif error is not kerr.TopicAlreadyExistsError:
+                self._require_existing(topic, f"it may not create it ({error.__name__}). Fix: create the topic, or "
+                                              f"grant the relay's principal CREATE on it (or on the cluster)")
+        else:
+            self._require_existing(topic, "OUTBOX_TOPIC_CREATE=false. Fix: create the topic, or set "
+                                          "OUTBOX_TOPIC_CREATE=true to let the relay create it")
+        self.known.add(topic)
+
+    def _require_existing(self, topic: str, why: str) -> None:
+        info = self._admin.describe_topics([topic])[0]
+        error = kerr.for_code(info["error_code"])
+        if error is kerr.UnknownTopicOrPartitionError:
+            raise FatalError(f"topic {topic!r} does not exist and the relay does not create it: {why}. Events for "
+                             f"it stay unacknowledged in the slot until then; nothing is lost.")
+        # Exists, or not even visible to us: the producer finds out, and a topic the relay may not
+        # write is dead-lettered with reason 'authorization'.
 
 
 EOS_UNSAFE = (

@@ -152,3 +152,36 @@ class ReplicationStream:
             except psycopg.Error:
                 pass
         self._conn = self._pg = None
+
+
+class ServerPosition(NamedTuple):
+    system_identifier: str
+    timeline: int
+    wal_lsn: int
+    history: dict[int, int]  # {ancestor timeline: LSN where it ended}
+
+
+def parse_timeline_history(content: str) -> dict[int, int]:
+    """A timeline history file ("parentTLI<TAB>switchpoint<TAB>reason" per line) as {timeline: end LSN}."""
+    ended = {}
+    for line in content.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit():
+            high, _, low = parts[1].partition("/")
+            ended[int(parts[0])] = int(high, 16) << 32 | int(low, 16)
+    return ended
+
+
+def identify_server(dsn: Dsn, connect_timeout: int = 10) -> ServerPosition:
+    """IDENTIFY_SYSTEM (and TIMELINE_HISTORY after a promotion) on a replication connection: what
+    a REPLICATION role may read without superuser rights, and the current timeline, not the one of
+    the last checkpoint record."""
+    with psycopg.connect(dsn.secret(), replication="database", autocommit=True, connect_timeout=connect_timeout,
+                         application_name="outbox-relay-identify") as conn:
+        system_id, timeline, xlogpos, _ = conn.execute("IDENTIFY_SYSTEM").fetchone()
+        history: dict[int, int] = {}
+        if int(timeline) > 1:
+            _, content = conn.execute(f"TIMELINE_HISTORY {int(timeline)}").fetchone()
+            history = parse_timeline_history(bytes(content).decode() if not isinstance(content, str) else content)
+    high, _, low = str(xlogpos).partition("/")
+    return ServerPosition(str(system_id), int(timeline), int(high, 16) << 32 | int(low, 16), history)

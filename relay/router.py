@@ -33,7 +33,7 @@ class RouteError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """Column positions of outbox.events in the relation as PostgreSQL announced it."""
+    """Column positions of outbox.events in the relation as PostgreSQL announced it (-1: absent)."""
 
     oid: int
     event_id: int
@@ -44,19 +44,30 @@ class Layout:
     headers: int
     created_at: int
     txid: int
+    missing: tuple[str, ...] = ()  # columns a record needs that the table no longer has
+    problem: str = ""
 
     @classmethod
     def of(cls, relation: Relation) -> "Layout":
         names = [c.name for c in relation.columns]
-        missing = [c for c in OUTBOX_COLUMNS if c not in names]
-        if missing:
+        if "event_id" not in names:
             raise SchemaError(
-                f"published table {relation.namespace}.{relation.name} lacks column(s) {missing}; "
-                f"the publication must contain only outbox.events. Fix: run `outbox migrate` and check "
-                f"the publication with `\\dRp+` in psql."
+                f"published table {relation.namespace}.{relation.name} has no event_id column (it has {names}), so "
+                f"its rows cannot even be dead-lettered. Fix: restore outbox.events as `outbox migrate` created it "
+                f"(ALTER TABLE outbox.events ADD/RENAME COLUMN ...), check the publication with `\\dRp+` in psql, "
+                f"then restart the relay."
             )
-        return cls(relation.oid, *(names.index(c) for c in OUTBOX_COLUMNS))
+        missing = tuple(c for c in ROUTING_COLUMNS if c not in names)
+        problem = ""
+        if missing:
+            problem = (f"outbox.events lacks column(s) {list(missing)} (dropped or renamed while the relay ran), so "
+                       f"its rows cannot become Kafka records and are dead-lettered. Fix: restore the column(s) as "
+                       f"`outbox migrate` created them, then `outbox dead-letters replay --all`.")
+        return cls(relation.oid, *(names.index(c) if c in names else -1 for c in OUTBOX_COLUMNS), missing, problem)
 
+
+# What a record cannot be built without (headers, created_at and txid have defaults).
+ROUTING_COLUMNS = ("aggregate_type", "aggregate_id", "event_type", "payload")
 
 # Rows read from the table itself (backfill, dead-letter replays) select the columns in OUTBOX_COLUMNS order.
 TABLE_LAYOUT = Layout(-1, *range(len(OUTBOX_COLUMNS)))
@@ -98,7 +109,8 @@ class Router:
         cache_key = (aggregate_type, event_type if self._uses_event_type else b"")
         topic = self._topics.get(cache_key)
         if topic is None:
-            topic = self.template.format(aggregate_type=aggregate_type.decode(), event_type=event_type.decode())
+            topic = self.template.format(aggregate_type=_text(aggregate_type, "aggregate_type"),
+                                         event_type=_text(event_type, "event_type"))
             if not _TOPIC.match(topic) or topic in (".", ".."):
                 raise RouteError(
                     "invalid_topic",
@@ -111,14 +123,24 @@ class Router:
         return topic
 
     def route(self, layout: Layout, row: tuple, txn: Txn) -> Record:
+        if layout.missing:
+            raise RouteError("schema", layout.problem)
         event_id = row[layout.event_id]
         aggregate_type = row[layout.aggregate_type]
         aggregate_id = row[layout.aggregate_id]
         event_type = row[layout.event_type]
         value = row[layout.payload]
-        txid = row[layout.txid]
+        txid = row[layout.txid] if layout.txid >= 0 else b""
         topic = self.topic(aggregate_type, event_type)
-        raw_headers = row[layout.headers]
+        # The contract promises UTF-8 keys, values and headers; bytes from a SQL_ASCII database may
+        # be anything. isascii() is the cheap common case.
+        if not aggregate_id.isascii():
+            _text(aggregate_id, "aggregate_id")
+        if not event_type.isascii():
+            _text(event_type, "event_type")
+        if value is not None and not value.isascii():
+            _text(value, "payload")
+        raw_headers = row[layout.headers] if layout.headers >= 0 else b"{}"
         own = None if raw_headers == b"{}" else own_headers(raw_headers)
         headers = envelope.build_headers(event_id, event_type, aggregate_type, aggregate_id, txn.commit_lsn_text,
                                          txid, txn.commit_ts_text, own)
@@ -146,3 +168,14 @@ def own_headers(raw: bytes) -> list[tuple[str, bytes]]:
             raise RouteError("bad_headers", f"header {name!r} is reserved for the relay; rename it")
         out.append((name, value.encode()))
     return out
+
+
+def _text(value: bytes, column: str) -> str:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise RouteError("invalid_encoding",
+                         f"column {column} is not valid UTF-8 ({value[:40]!r}...), which Kafka records of the outbox "
+                         f"contract must be (the database encoding is probably SQL_ASCII). Fix: correct the "
+                         f"event's text, or move the outbox to a UTF8 database; the original bytes are kept "
+                         f"backslash-escaped in the dead letter") from None

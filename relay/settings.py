@@ -108,6 +108,13 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(default=10.0, gt=0, le=3600)
     status_interval_s: float = Field(default=5.0, gt=0, le=60)
     track_deliveries: bool = True
+    # Topics the relay sends to are created on first use (managed services often turn the broker's
+    # auto-creation off). Unset partitions / replication factor = the broker's defaults.
+    topic_create: bool = True
+    topic_partitions: int | None = Field(default=None, ge=1, le=100_000)
+    topic_replication_factor: int | None = Field(default=None, ge=1, le=32)
+    # /healthz turns unhealthy when events wait and nothing was acknowledged for this long.
+    stall_timeout_s: float = Field(default=60.0, gt=0, le=86_400)
     metrics_port: int = Field(default=9464, ge=0, le=65535)
 
     # --- inbox (consumers)
