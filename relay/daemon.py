@@ -42,13 +42,14 @@ log = logging.getLogger("outbox.relay")
 BACKFILL_QUERY = """
 SELECT e.event_id::text, e.aggregate_type, e.aggregate_id, e.event_type, e.payload::text, e.headers::text,
        e.created_at::text, e.txid::text,
-       ((extract(epoch FROM e.created_at) * 1000000)::bigint - 946684800000000)::text  -- µs since 2000
+       ((extract(epoch FROM e.created_at) * 1000000)::bigint - 946684800000000)::text  -- microseconds since 2000
   FROM outbox.relay_backfill f JOIN outbox.events e ON e.event_id = f.event_id
  WHERE f.slot_name = %(slot)s
    AND NOT EXISTS (SELECT 1 FROM outbox.relay_batches b, unnest(b.xids) AS x(txid)
                     WHERE b.slot_name = %(slot)s AND b.status IN ('acked', 'committed') AND x.txid = e.txid)
    AND NOT outbox.dead_lettered(e.event_id, %(slot)s)
-   AND (%(after_ts)s::timestamptz IS NULL OR (f.created_at, f.event_id) > (%(after_ts)s::timestamptz, %(after_id)s::uuid))
+   AND (%(after_ts)s::timestamptz IS NULL
+        OR (f.created_at, f.event_id) > (%(after_ts)s::timestamptz, %(after_id)s::uuid))
  ORDER BY f.created_at, f.event_id
 """
 # What a new slot will never stream, listed inside the slot's exported snapshot.
@@ -145,7 +146,7 @@ class Relay:
 
     def _session(self) -> None:
         s = self.s
-        with psycopg.connect(self.dsn.secret(), autocommit=True, connect_timeout=10,
+        with psycopg.connect(self.dsn.secret(), autocommit=True, connect_timeout=10, client_encoding="utf8",
                              application_name=f"outbox-relay {s.relay_id}") as control:
             slots.check_server(control)
             self._register(control)
@@ -324,12 +325,13 @@ class Relay:
         """Create the slot together with the snapshot of what it will never stream."""
         s = self.s
         control.execute("UPDATE outbox.relay_status SET slot_creating = true WHERE slot_name = %s", (s.slot_name,))
-        repl = psycopg.connect(self.dsn.secret(), replication="database", autocommit=True, connect_timeout=10)
+        repl = psycopg.connect(self.dsn.secret(), replication="database", autocommit=True, connect_timeout=10,
+                               client_encoding="utf8")
         watcher = threading.Thread(target=self._report_slot_wait, args=(repl,), daemon=True)
         watcher.start()
         try:
             row = repl.execute(f'CREATE_REPLICATION_SLOT "{s.slot_name}" LOGICAL pgoutput EXPORT_SNAPSHOT').fetchone()
-            with psycopg.connect(self.dsn.secret(), connect_timeout=10) as tx:
+            with psycopg.connect(self.dsn.secret(), connect_timeout=10, client_encoding="utf8") as tx:
                 tx.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
                 tx.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(row[2])))
                 snapshot = tx.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
@@ -359,7 +361,8 @@ class Relay:
             waited += 0.5
             if waited % 10 == 0:
                 try:
-                    with psycopg.connect(self.dsn.secret(), autocommit=True, connect_timeout=5) as conn:
+                    with psycopg.connect(self.dsn.secret(), autocommit=True, connect_timeout=5,
+                                         client_encoding="utf8") as conn:
                         rows = conn.execute(
                             "SELECT pid, coalesce(application_name, ''), now() - xact_start, left(query, 80) "
                             "FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() "
@@ -380,7 +383,8 @@ class Relay:
                 cur.itersize = 2000
                 cur.execute(BACKFILL_QUERY, {"slot": s.slot_name, "after_ts": after[0] if after else None,
                                              "after_id": after[1] if after else None})
-                rows = (tuple(None if v is None else v.encode() for v in r) for r in cur)
+                # A SQL_ASCII database hands text over as bytes already (anything but UTF-8 is dead-lettered).
+                rows = (tuple(v if v is None or type(v) is bytes else v.encode() for v in r) for r in cur)
                 count = pipeline.backfill(rows, TABLE_LAYOUT, snapshot)
         with control.transaction():
             control.execute("UPDATE outbox.relay_status SET backfill_snapshot = NULL WHERE slot_name = %s",
@@ -430,14 +434,14 @@ class Relay:
             if control is not None:
                 control.execute(update, (role, self.s.relay_id))
                 return
-            with psycopg.connect(self.dsn.secret(), autocommit=True, connect_timeout=5) as conn:
+            with psycopg.connect(self.dsn.secret(), autocommit=True, connect_timeout=5, client_encoding="utf8") as conn:
                 conn.execute(update, (role, self.s.relay_id))
         except psycopg.Error as exc:
             log.debug("could not record role %s: %s", role, exc)
 
     def _record_error(self, message: str) -> None:
         try:
-            with psycopg.connect(self.dsn.secret(), autocommit=True, connect_timeout=5) as conn:
+            with psycopg.connect(self.dsn.secret(), autocommit=True, connect_timeout=5, client_encoding="utf8") as conn:
                 message = redact(message)[:2000]
                 conn.execute("UPDATE outbox.relay_status SET last_error = %s, last_error_at = now() "
                              "WHERE slot_name = %s", (message, self.s.slot_name))

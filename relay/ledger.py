@@ -142,7 +142,8 @@ class Ledger:
         self._conn: psycopg.Connection | None = None
 
     def start(self) -> None:
-        self._conn = psycopg.connect(self.dsn.secret(), autocommit=True, application_name="outbox-relay-ledger")
+        self._conn = psycopg.connect(self.dsn.secret(), autocommit=True, application_name="outbox-relay-ledger",
+                                      client_encoding="utf8")
         self._thread.start()
 
     def submit(self, outcome: Outcome) -> None:

@@ -80,7 +80,8 @@ def migrate(dsn: Dsn, *, wal_check: bool = True, log=print) -> list[Migration]:
     """Apply pending migrations; returns those applied by this call."""
     migrations = available()
     applied_now: list[Migration] = []
-    with psycopg.connect(dsn.secret(), autocommit=True, connect_timeout=15) as conn:
+    # utf8: a SQL_ASCII database would otherwise hand every text value back as bytes.
+    with psycopg.connect(dsn.secret(), autocommit=True, connect_timeout=15, client_encoding="utf8") as conn:
         if wal_check:
             check_wal_level(conn)
         conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))

@@ -177,6 +177,7 @@ def identify_server(dsn: Dsn, connect_timeout: int = 10) -> ServerPosition:
     a REPLICATION role may read without superuser rights, and the current timeline, not the one of
     the last checkpoint record."""
     with psycopg.connect(dsn.secret(), replication="database", autocommit=True, connect_timeout=connect_timeout,
+                         client_encoding="utf8",
                          application_name="outbox-relay-identify") as conn:
         system_id, timeline, xlogpos, _ = conn.execute("IDENTIFY_SYSTEM").fetchone()
         history: dict[int, int] = {}
