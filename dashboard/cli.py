@@ -23,7 +23,8 @@ APP = Path(__file__).resolve().parent / "app.py"
 def register(subparsers: argparse._SubParsersAction) -> None:
     dash = subparsers.add_parser(
         "dashboard", help="run the Streamlit operator dashboard",
-        description="Serve the operator dashboard on http://127.0.0.1:OUTBOX_DASHBOARD_PORT (8501): health, "
+        description="Serve the operator dashboard on http://OUTBOX_DASHBOARD_HOST:OUTBOX_DASHBOARD_PORT "
+                    "(127.0.0.1:8501): health, "
                     "in-flight events, suppressed duplicates, unknown outcomes (with the audited operator "
                     "decision), dead letters with their replay commands, and an event trace. It connects with "
                     "OUTBOX_DASHBOARD_DATABASE_URL (default OUTBOX_DATABASE_URL) and switches to the read-only "
@@ -48,24 +49,27 @@ def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
     from dashboard.db import DashboardError, connect, dashboard_dsn
 
     port = args.port or settings.dashboard_port
+    host = settings.dashboard_host
     try:
         connect(dashboard_dsn(settings), settings.dashboard_role).close()
     except DashboardError as exc:
         print(f"outbox dashboard: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    with socket.socket() as probe:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         try:
-            probe.bind(("127.0.0.1", port))
+            probe.bind((host, port))
         except OSError as exc:
-            print(f"outbox dashboard: port {port} on 127.0.0.1 is not available ({exc.strerror}). Fix: stop what "
+            print(f"outbox dashboard: port {port} on {host} is not available ({exc.strerror}). Fix: stop what "
                   f"uses it or pick another port with --port or OUTBOX_DASHBOARD_PORT.", file=sys.stderr)
             return EXIT_FAILED
-    print(f"outbox dashboard: http://127.0.0.1:{port}", file=sys.stderr)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # a wildcard is not an address to browse to
+    print(f"outbox dashboard: http://{shown}:{port}" + (f" (listening on {host})" if shown != host else ""),
+          file=sys.stderr)
     sys.stderr.flush()
     # exec: Ctrl-C and SIGTERM reach Streamlit directly, and no idle parent is left behind.
     os.execv(sys.executable, [
         sys.executable, "-m", "streamlit", "run", str(APP),
-        "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
+        "--server.address", host, "--server.port", str(port), "--server.headless", "true",
         "--server.fileWatcherType", "none", "--server.runOnSave", "false",
         "--browser.gatherUsageStats", "false", "--global.developmentMode", "false",
         "--client.toolbarMode", "viewer",

@@ -56,8 +56,12 @@ def _relay(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
     from relay.daemon import Relay
+    from relay.metrics import RelayMetrics
 
-    relay = Relay(settings, recreate_slot=args.recreate_slot, reset_checkpoint=args.reset_checkpoint)
+    metrics = RelayMetrics()
+    metrics.bind_host = settings.metrics_host  # the daemon's serve() call passes only the port
+    relay = Relay(settings, recreate_slot=args.recreate_slot, reset_checkpoint=args.reset_checkpoint,
+                  metrics=metrics)
 
     def on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
         if relay.stop.is_set():
@@ -141,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         "may run for one slot: one streams, the others wait as standbys and take over within seconds. "
         "SIGTERM/Ctrl-C finishes in-flight records, acknowledges what Kafka acknowledged and exits 0. "
         "Settings: OUTBOX_DATABASE_URL, OUTBOX_KAFKA_BOOTSTRAP, OUTBOX_DELIVERY=at-least-once|exactly-once, "
-        "OUTBOX_SLOT_NAME, OUTBOX_PUBLICATION, OUTBOX_TOPIC_TEMPLATE, OUTBOX_METRICS_PORT (/metrics, /healthz); "
+        "OUTBOX_SLOT_NAME, OUTBOX_PUBLICATION, OUTBOX_TOPIC_TEMPLATE, OUTBOX_METRICS_PORT and "
+        "OUTBOX_METRICS_HOST (/metrics, /healthz liveness, /readyz readiness: 200 only on the streaming relay); "
         "for an authenticated broker OUTBOX_KAFKA_SECURITY_PROTOCOL, OUTBOX_KAFKA_SASL_MECHANISM, "
         "OUTBOX_KAFKA_SASL_USERNAME, OUTBOX_KAFKA_SASL_PASSWORD, OUTBOX_KAFKA_SSL_CAFILE. Exit codes: 0 stopped "
         "cleanly, 1 a problem that needs a fix (the message says which), 2 bad configuration.")

@@ -62,6 +62,8 @@ _HINTS: dict[str, str] = {
     "dev_kafka": "use auto, apache or tansu",
     "log_format": "use text or json",
     "log_level": "use DEBUG, INFO, WARNING or ERROR",
+    "metrics_host": "use an IP address to listen on: 127.0.0.1 (default) or 0.0.0.0 inside a container",
+    "dashboard_host": "use an IP address to listen on: 127.0.0.1 (default) or 0.0.0.0 inside a container",
 }
 
 
@@ -116,6 +118,9 @@ class Settings(BaseSettings):
     # /healthz turns unhealthy when events wait and nothing was acknowledged for this long.
     stall_timeout_s: float = Field(default=60.0, gt=0, le=86_400)
     metrics_port: int = Field(default=9464, ge=0, le=65535)
+    # --- deployment: bind addresses (issue 11). Loopback by default so a laptop exposes nothing;
+    # containers set 0.0.0.0 because their network namespace is the boundary, and probes come from outside it.
+    metrics_host: str = "127.0.0.1"
 
     # --- inbox (consumers)
     inbox_max_attempts: int = Field(default=5, ge=1, le=100)
@@ -129,6 +134,7 @@ class Settings(BaseSettings):
 
     # --- dashboard
     dashboard_port: int = Field(default=8501, ge=1, le=65535)
+    dashboard_host: str = "127.0.0.1"  # deployment (issue 11): 0.0.0.0 in a container, see metrics_host
     # A login for the dashboard alone (default: database_url). Either way the dashboard switches to
     # dashboard_role, which can only read plus call outbox.resolve_effect (sql/004_dashboard.sql).
     dashboard_database_url: DsnSetting = None
@@ -158,6 +164,17 @@ class Settings(BaseSettings):
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"{server!r} is not host:port")
         return ",".join(servers)
+
+    @field_validator("metrics_host", "dashboard_host")
+    @classmethod
+    def _bind_host(cls, value: str) -> str:
+        # An IP literal only: a host name would resolve at bind time, and to an address nobody expected.
+        import ipaddress
+
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
 
     @field_validator("kafka_sasl_username", "kafka_sasl_password")
     @classmethod
