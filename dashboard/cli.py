@@ -45,7 +45,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     status.set_defaults(func=_status)
 
 
+def _needs_extra(command: str) -> int | None:
+    from relay.cli import DASHBOARD_MODULES, EXIT_USAGE, missing_extra
+
+    if (problem := missing_extra(DASHBOARD_MODULES, "dashboard", command)) is not None:
+        print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    return None
+
+
 def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    if (code := _needs_extra("dashboard")) is not None:
+        return code
     from dashboard.db import DashboardError, connect, dashboard_dsn
 
     port = args.port or settings.dashboard_port
@@ -78,6 +89,8 @@ def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
+    if (code := _needs_extra("status")) is not None:
+        return code
     from dashboard import health
     from dashboard.db import DashboardError, connect, dashboard_dsn
     from dashboard.kafka_lag import EndOffsets
