@@ -113,7 +113,8 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     findings = health.assess(snap, max_in_flight_age_s=args.max_in_flight_age, stalled_after_s=args.stalled_after)
     attention = health.needs_attention(findings)
     if args.json:
-        print(json.dumps(_as_json(snap, findings, attention), indent=2, default=str))
+        # allow_nan=False: a NaN that slipped past strict_json() fails here, not in the reader's parser.
+        print(json.dumps(strict_json(_as_json(snap, findings, attention)), indent=2, allow_nan=False))
     else:
         print(_as_text(snap, findings, attention))
     return EXIT_ATTENTION if attention else EXIT_OK
@@ -155,15 +156,58 @@ def _as_text(s, findings, attention: bool) -> str:
     return "\n".join(lines)
 
 
+def strict_json(value):
+    """What json.dumps can write as strict JSON (RFC 8259) for any reader: pandas' missing values
+    (NaN, NaT, NA) and infinities become null, times RFC 3339 strings, numpy scalars plain numbers.
+    A slot that does not exist has NaN lag bytes, a relay that never published NaT; Python's json
+    module would print those as NaN and "NaT", which jq, JavaScript and Go reject or misread."""
+    import datetime as dt
+    import decimal
+    import math
+    import uuid
+
+    import pandas as pd
+
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, pd.DataFrame):
+        return [strict_json(r) for r in value.to_dict(orient="records")]
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if value is pd.NaT or value is pd.NA:
+        return None
+    if isinstance(value, (pd.Timestamp, dt.datetime)):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)  # PostgreSQL's timestamptz arrive as UTC
+        return value.isoformat()
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, (pd.Timedelta, dt.timedelta)):
+        return value.total_seconds()
+    if hasattr(value, "item") and not isinstance(value, (int, float)):  # numpy scalars
+        return strict_json(value.item())
+    if isinstance(value, decimal.Decimal):
+        value = float(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (uuid.UUID, bytes)):
+        return value.hex() if isinstance(value, bytes) else str(value)
+    return str(value)
+
+
 def _as_json(s, findings, attention: bool) -> dict:
     return {
         "attention": attention,
         "findings": [{"level": f.level, "text": f.text, "view": f.view} for f in findings],
-        "slots": s.slots.to_dict(orient="records"),
-        "relays": s.relays.to_dict(orient="records"),
+        "slots": s.slots,
+        "relays": s.relays,
         "in_flight": s.in_flight,
-        "consumers": s.consumers.astype(object).where(s.consumers.notna(), None).to_dict(orient="records"),
+        "consumers": s.consumers,
         "unknown_effects": int((s.effects["effective_status"] == "unknown").sum()),
         "relay_batches_unknown": len(s.batches),
-        "open_dead_letters": s.dead_letters.to_dict(orient="records"),
+        "open_dead_letters": s.dead_letters,
     }
