@@ -248,9 +248,60 @@ class Settings(BaseSettings):
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings, turning pydantic's validation report into one actionable ConfigError."""
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None
+    warn_unknown_variables()
+    return settings
+
+
+# --- unknown OUTBOX_* variables (issue 11)
+# extra="ignore" is what lets one environment serve every component, but it also made a typo such as
+# OUTBOX_DELIVERY_MODE silently fall back to the default. So each unknown name is named once per
+# process, with the closest setting. Values are never shown: the variable could hold a password.
+
+# Read by the test suite, not by the settings model.
+NOT_SETTINGS = frozenset({"OUTBOX_REQUIRE_BROWSER", "OUTBOX_REQUIRE_PROMTOOL", "OUTBOX_TEST_SEED",
+                          "OUTBOX_UPDATE_SCREENSHOTS"})
+_warned: set[str] = set()
+
+
+def known_variables() -> frozenset[str]:
+    return frozenset(ENV_PREFIX + name.upper() for name in Settings.model_fields)
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> dict[str, str | None]:
+    """Unknown OUTBOX_* names in the environment and the env files -> the closest known variable."""
+    import difflib
+
+    names = {k.upper() for k in (os.environ if environ is None else environ) if k.upper().startswith(ENV_PREFIX)}
+    if environ is None:
+        names |= _env_file_names()
+    known = known_variables()
+    return {name: next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.6)), None)
+            for name in sorted(names - known - NOT_SETTINGS)}
+
+
+def _env_file_names() -> set[str]:
+    from dotenv import dotenv_values
+
+    names: set[str] = set()
+    for path in Settings.model_config["env_file"]:
+        if Path(path).is_file():
+            names |= {k.upper() for k in dotenv_values(path) if k.upper().startswith(ENV_PREFIX)}
+    return names
+
+
+def warn_unknown_variables() -> None:
+    import logging
+
+    log = logging.getLogger("outbox.settings")
+    for name, closest in unknown_variables().items():
+        if name in _warned:
+            continue
+        _warned.add(name)
+        hint = f"; did you mean {closest}?" if closest else ""
+        log.warning("%s is not a setting and is ignored%s (docs/configuration.md lists them)", name, hint)
 
 
 def describe_validation_error(exc: ValidationError) -> str:
