@@ -319,3 +319,110 @@ def describe_validation_error(exc: ValidationError) -> str:
             line += f" Fix: {fix}."
         lines.append(line)
     return "\n".join(lines)
+
+
+# --- docs/configuration.md (issue 11), generated: python -m relay.settings --markdown > docs/configuration.md
+# One line per setting; tests/test_configuration_doc.py fails when the committed file is stale or a
+# new setting has no line here.
+
+SETTING_DOCS: dict[str, str] = {
+    "database_url": "libpq URL or key=value DSN of the application database; its password is masked everywhere",
+    "kafka_bootstrap": "comma-separated host:port list of Kafka brokers",
+    "kafka_security_protocol": "what the brokers' listener speaks; used by the relay, inbox and dashboard alike",
+    "kafka_sasl_mechanism": "SASL mechanism with a SASL_* protocol",
+    "kafka_sasl_username": "SASL user (required with a SASL_* protocol)",
+    "kafka_sasl_password": "SASL password (required with a SASL_* protocol); masked in every log line",
+    "kafka_ssl_cafile": "PEM file of the CA that signed the brokers' certificates; system CAs when unset",
+    "delivery": "`exactly-once` needs a broker with correct transactions (Apache Kafka)",
+    "slot_name": "logical replication slot; relays with the same slot form one active/standby group",
+    "publication": "publication over outbox.events",
+    "topic_template": "Kafka topic per event, with {aggregate_type} and {event_type}",
+    "relay_id": "name of this relay process in outbox.relay_instances and the dashboard",
+    "checkpoint_topic": "topic of the exactly-once checkpoints",
+    "compression": "Kafka compression; auto: zstd, else lz4 when installed (the codecs extra), else none",
+    "linger_ms": "producer linger: how long a record waits for its batch to fill",
+    "batch_max_events": "events per relay batch at most",
+    "batch_max_age_ms": "a batch is closed after this long",
+    "max_record_bytes": "larger events are dead-lettered instead of failing the batch",
+    "max_inflight_bytes": "bytes sent to Kafka and not yet acknowledged at most (back-pressure)",
+    "max_inflight_events": "events sent to Kafka and not yet acknowledged at most (back-pressure)",
+    "heartbeat_interval_s": "how often a relay records that it is alive",
+    "status_interval_s": "how often the relay sends its position to PostgreSQL (standby status update)",
+    "track_deliveries": "record topic/partition/offset per event for the dashboard's trace view",
+    "metrics_port": "port of /metrics, /healthz (liveness) and /readyz (readiness); 0 turns the server off",
+    "metrics_host": "address the metrics server listens on; 0.0.0.0 in a container",
+    "inbox_max_attempts": "handler attempts before a record is dead-lettered",
+    "inbox_backoff_initial_s": "first retry delay of a failing handler",
+    "inbox_backoff_max_s": "longest retry delay of a failing handler",
+    "inbox_poll_records": "records per poll, and so per PostgreSQL transaction, at most",
+    "inbox_retention_days": "inbox rows older than this are purged",
+    "inbox_purge_batch": "rows per DELETE when purging (bounds lock time)",
+    "effect_lease_s": "how long an effect attempt holds its lease before another worker may take it",
+    "effect_retention_days": "settled effect keys older than this are purged; unknown/in-progress ones are kept",
+    "dashboard_port": "port of `outbox dashboard`",
+    "dashboard_host": "address the dashboard listens on; 0.0.0.0 in a container (it has no login of its own)",
+    "dashboard_database_url": "a login for the dashboard alone (default: OUTBOX_DATABASE_URL)",
+    "dashboard_role": "the role the dashboard switches to: read-only plus outbox.resolve_effect",
+    "dashboard_refresh_s": "how often the dashboard's pages refresh",
+    "log_level": "log level of every component",
+    "log_format": "`json` for structured logs",
+    "dev_dir": "where `outbox dev` keeps the embedded servers and dev.env",
+    "dev_kafka": "broker of the dev stack: Apache Kafka when Java 17+ is found (auto), or Tansu",
+    "dev_kafka_version": "Apache Kafka version of the dev stack (its jars are pinned by SHA-256)",
+    "dev_cache_dir": "where the Kafka jars are cached (default $XDG_CACHE_HOME or ~/.cache, then outbox/)",
+    "dev_pg_user": "system user that runs the embedded PostgreSQL when started as root",
+    "maven_repo": "Maven repository the Kafka jars are fetched from",
+}
+
+_SECTIONS = {"database_url": "Connections", "delivery": "Relay", "inbox_max_attempts": "Inbox (consumers)",
+             "dashboard_port": "Dashboard", "log_level": "Logging", "dev_dir": "Embedded dev stack (`outbox dev`)"}
+
+
+def _doc_default(name: str, field: Any) -> str:
+    if name == "relay_id":
+        return "host name-PID"
+    default = field.default
+    if default is None:
+        return "—"
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    return f"`{default}`"
+
+
+def _doc_allowed(field: Any) -> str:
+    from typing import get_args, get_origin
+
+    if get_origin(field.annotation) is Literal:
+        return ", ".join(f"`{v}`" for v in get_args(field.annotation))
+    bounds = []
+    for m in field.metadata:
+        for attr, sign in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")):
+            if getattr(m, attr, None) is not None:
+                bounds.append(f"{sign} {getattr(m, attr):,}".replace(",", " "))
+    return ", ".join(bounds)
+
+
+def markdown() -> str:
+    missing = set(Settings.model_fields) - set(SETTING_DOCS)
+    if missing:
+        raise SystemExit(f"SETTING_DOCS has no line for: {', '.join(sorted(missing))}")
+    out = ["# Configuration", "",
+           "<!-- Generated from relay/settings.py by `python -m relay.settings --markdown > docs/configuration.md`;"
+           " do not edit by hand. -->", "",
+           "Every component reads one settings model: `OUTBOX_*` environment variables, then `.env`, then",
+           "`.outbox/dev.env` (written by `outbox dev up`). A bad value stops the program at start-up with the",
+           "variable's name and the fix; an unknown `OUTBOX_*` name is named in a warning with the closest one."]
+    for name, field in Settings.model_fields.items():
+        if name in _SECTIONS:
+            out += ["", f"## {_SECTIONS[name]}", "", "| Variable | Default | Allowed | |", "|---|---|---|---|"]
+        out.append(f"| `{ENV_PREFIX}{name.upper()}` | {_doc_default(name, field)} | {_doc_allowed(field)} | "
+                   f"{SETTING_DOCS[name]} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--markdown"]:
+        raise SystemExit("usage: python -m relay.settings --markdown > docs/configuration.md")
+    sys.stdout.write(markdown())
