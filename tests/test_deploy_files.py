@@ -280,3 +280,38 @@ def test_container_relays_answer_healthz_and_readyz_as_active_and_standby(db, ka
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def test_container_dashboard_answers_its_health_probe_on_every_interface(db, tmp_path):
+    """The compose dashboard's command and environment: Streamlit serves the probe path the compose
+    healthcheck and the Kubernetes probes ask for, listening on 0.0.0.0."""
+    c = CONTAINERS["compose:dashboard"]
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update({k: v for k, v in c.env.items() if v is not None})
+    env.update(OUTBOX_DATABASE_URL=db.secret(), OUTBOX_DASHBOARD_PORT=str(port))
+    assert env["OUTBOX_DASHBOARD_HOST"] == "0.0.0.0"
+    argv = [str(Path(sys.executable).with_name(c.command[0])), *c.command[1:]]
+    log = tmp_path / "dashboard.log"
+    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        def healthy():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{STREAMLIT_HEALTH}", timeout=2) as resp:
+                    return resp.status == 200
+            except OSError:
+                assert proc.poll() is None, log.read_text()[-2000:]
+                return False
+
+        wait_for(healthy, 60, "the dashboard's health endpoint", interval=0.3)
+        assert any(":%04X" % port in line and " 00000000:" in line
+                   for line in Path("/proc/net/tcp").read_text().splitlines()), "not bound to 0.0.0.0"
+        assert "(listening on 0.0.0.0)" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
