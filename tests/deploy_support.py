@@ -91,8 +91,9 @@ def compose_containers() -> dict[str, Container]:
 
 def url_in(text: str) -> tuple[str, int]:
     """The path and port of the http://127.0.0.1... URL a health check command requests."""
-    m = re.search(r"http://127\.0\.0\.1:(?:(\d+)|' \+ os\.environ\.get\('OUTBOX_METRICS_PORT', '(\d+)'\) \+ ')(/[\w/]+)",
-                  text)
+    # Either a literal port or the Dockerfile's `os.environ.get('OUTBOX_METRICS_PORT', '9464')`.
+    port_from_env = r"' \+ os\.environ\.get\('OUTBOX_METRICS_PORT', '(\d+)'\) \+ '"
+    m = re.search(rf"http://127\.0\.0\.1:(?:(\d+)|{port_from_env})(/[\w/]+)", text)
     assert m, f"no http://127.0.0.1:PORT/PATH in {text!r}"
     return m.group(3), int(m.group(1) or m.group(2))
 
