@@ -241,10 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = load_settings()
+        settings = load_settings(warn_unknown=False)
         from relay.logs import setup_logging
+        from relay.settings import warn_unknown_variables
 
         setup_logging(settings.log_level, settings.log_format)
+        warn_unknown_variables()  # after setup: in OUTBOX_LOG_FORMAT=json it is a JSON line like the rest
         return args.func(args, settings)
     except ConfigError as exc:
         print(f"outbox: {exc}", file=sys.stderr)

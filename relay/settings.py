@@ -245,13 +245,15 @@ class Settings(BaseSettings):
         return {"bootstrap_servers": self.kafka_servers, **self.kafka_security()}
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Build the settings, turning pydantic's validation report into one actionable ConfigError."""
+def load_settings(*, warn_unknown: bool = True, **overrides: Any) -> Settings:
+    """Build the settings, turning pydantic's validation report into one actionable ConfigError.
+    warn_unknown=False: the caller calls warn_unknown_variables() itself once its logging is set up."""
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None
-    warn_unknown_variables()
+    if warn_unknown:
+        warn_unknown_variables()
     return settings
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -244,6 +245,11 @@ def test_the_cli_prints_the_warning_at_start_up(tmp_path):
     assert result.returncode == 2  # no OUTBOX_DATABASE_URL
     assert "OUTBOX_METRICS_PROT is not a setting and is ignored; did you mean OUTBOX_METRICS_PORT?" in result.stderr
     assert result.stderr.count("OUTBOX_METRICS_PROT") == 1
+    env["OUTBOX_LOG_FORMAT"] = "json"  # a container's log collector gets it as one JSON record
+    result = subprocess.run([sys.executable, "-m", "relay.cli", "migrate"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    record = next(json.loads(line) for line in result.stderr.splitlines() if "OUTBOX_METRICS_PROT" in line)
+    assert record["level"] == "warning" and "did you mean OUTBOX_METRICS_PORT?" in record["msg"]
 
 
 @pytest.mark.parametrize("value", ["localhost", "0.0.0.0.0", "my host"])
