@@ -106,7 +106,9 @@ class RelayMetrics:
         if self._reported:
             streaming, kafka_ok = self._streaming, self._kafka_ok
         else:
-            streaming = kafka_ok = self.role == "active" and self.registry.get_sample_value("outbox_relay_active") == 1
+            # The gauge's own collect(), not the registry's: that would call the ready gauge, i.e. us, again.
+            active = self.active.collect()[0].samples[0].value == 1
+            streaming = kafka_ok = self.role == "active" and active
         reasons = []
         if live != 200:
             reasons.append("the relay loop is not healthy (see /healthz)")
@@ -123,8 +125,8 @@ class RelayMetrics:
         return (503 if reasons else 200), body
 
 
-class _DualStackServer(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6  # "::" also accepts IPv4 where net.ipv6.bindv6only is 0 (Linux default)
 
 
 def serve(metrics: RelayMetrics, port: int, host: str | None = None) -> ThreadingHTTPServer | None:
@@ -155,7 +157,7 @@ def serve(metrics: RelayMetrics, port: int, host: str | None = None) -> Threadin
         def log_message(self, *args) -> None:  # scrapes every few seconds would flood the log
             pass
 
-    server = (_DualStackServer if ":" in host else ThreadingHTTPServer)((host, port), Handler)
+    server = (_IPv6Server if ":" in host else ThreadingHTTPServer)((host, port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="outbox-metrics", daemon=True).start()
     return server

@@ -100,6 +100,15 @@ def test_ready_gauge_is_exported(served):
         assert "outbox_relay_ready 1.0" in resp.read().decode()
 
 
+def test_ready_gauge_of_a_daemon_that_does_not_report_the_flags(served):
+    """The inferred readiness reads outbox_relay_active while /metrics collects the registry."""
+    metrics, port = served
+    metrics.role = "active"
+    metrics.active.set(1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        assert "outbox_relay_ready 1.0" in resp.read().decode()
+
+
 def test_bind_host_comes_from_the_metrics_object():
     metrics = RelayMetrics()
     metrics.bind_host = "0.0.0.0"
