@@ -244,6 +244,11 @@ def probe(port: int, path: str) -> tuple[int, dict]:
         return 0, {}
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
 def test_container_relays_answer_healthz_and_readyz_as_active_and_standby(db, kafka, topic_prefix, tmp_path):
     port_a, port_b = free_port(), free_port()
     a = container_relay("relay", db, kafka, topic_prefix, tmp_path / "a.log", port_a)
@@ -262,6 +267,7 @@ def test_container_relays_answer_healthz_and_readyz_as_active_and_standby(db, ka
         assert probe(port_b, "/healthz")[0] == 200  # alive: nothing should restart it
         code, body = probe(port_b, "/readyz")
         assert code == 503 and body["role"] == "standby" and body["status"] == "not ready", body
+        assert "outbox_relay_ready 1.0" in scrape(port_a) and "outbox_relay_ready 0.0" in scrape(port_b)
         # Listening on every interface, as in a container (not only on loopback).
         assert any(":%04X" % port_b in line and " 00000000:" in line
                    for line in Path("/proc/net/tcp").read_text().splitlines()), "not bound to 0.0.0.0"
