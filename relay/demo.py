@@ -29,7 +29,6 @@ from psycopg.types.json import Jsonb
 from inbox import Effects, Message, RetryPolicy, Runner
 from inbox.fake_provider import FakeProvider, ProviderClient
 from relay.daemon import Relay
-from relay.devstack import DevStack
 from relay.migrate import migrate
 from relay.publisher import ensure_topic
 from relay.redact import Dsn
@@ -98,8 +97,10 @@ def receipts_handler(conn: psycopg.Connection, msg: Message) -> None:
 
 
 class Demo:
-    def __init__(self, settings: Settings, rate: float, duration: float | None, dashboard: bool):
+    def __init__(self, settings: Settings, rate: float, duration: float | None, dashboard: bool,
+                 external: bool = False, with_relay: bool = True):
         self.settings, self.rate, self.duration, self.with_dashboard = settings, rate, duration, dashboard
+        self.external, self.with_relay = external, with_relay
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
         self.lookup_available = threading.Event()
@@ -109,15 +110,16 @@ class Demo:
         # Retries and reconciliations are the point of the demo, but one line each would drown the
         # summary; dead letters (ERROR) still show, and the dashboard has the details.
         logging.getLogger("inbox").setLevel(logging.ERROR)
-        urls = DevStack(self.settings).up()
+        urls = self._servers()
         dsn = urls.database_url
         migrate(dsn, log=lambda line: print(line, file=sys.stderr))
         with psycopg.connect(dsn.secret(), autocommit=True) as conn:
             conn.execute(DEMO_SCHEMA)
-        exactly_once = urls.broker == "apache"
+        # On servers of its own choosing the demo knows the broker; on the operator's it keeps OUTBOX_DELIVERY.
+        delivery = self.settings.delivery if self.external else \
+            "exactly-once" if urls.broker == "apache" else "at-least-once"
         settings = self.settings.model_copy(update={
-            "database_url": dsn, "kafka_bootstrap": urls.kafka_bootstrap,
-            "delivery": "exactly-once" if exactly_once else "at-least-once"})
+            "database_url": dsn, "kafka_bootstrap": urls.kafka_bootstrap, "delivery": delivery})
 
         ensure_topic(settings.kafka_client(), TOPIC, 3)  # consumers start before the first order creates it
         provider = FakeProvider(hang_s=2.5).start()
@@ -131,18 +133,21 @@ class Demo:
                                  topics=[TOPIC], policy=policy),
             Runner.from_settings(settings, "receipts", receipts_handler, topics=[TOPIC], policy=policy),
         ]
-        self._spawn(relay.run, "relay")
+        if self.with_relay:
+            self._spawn(relay.run, "relay")
         for runner in runners:
             self._spawn(runner.run, runner.consumer)
         self._spawn(lambda: self._shop(dsn), "shop")
         self._spawn(lambda: self._weather(urls.kafka_bootstrap, client), "weather")
         dashboard = self._dashboard(urls) if self.with_dashboard else None
 
-        print(f"\nDemo running: relay ({settings.delivery}) -> Kafka ({urls.broker}) -> consumers payments, "
+        print(f"\nDemo running: relay ({settings.delivery}{'' if self.with_relay else ', run separately'}) -> "
+              f"Kafka ({urls.broker}) -> consumers payments, "
               f"receipts; fake provider at {provider.url}.", file=sys.stderr)
         if dashboard:
             print(f"Dashboard: http://127.0.0.1:{self.settings.dashboard_port}", file=sys.stderr)
-        print("Ctrl-C to stop (the dev stack keeps running: `outbox dev down`).\n", file=sys.stderr)
+        print("Ctrl-C to stop" + ("." if self.external else " (the dev stack keeps running: `outbox dev down`).")
+              + "\n", file=sys.stderr)
         started = time.monotonic()
         try:
             while not self.stop.wait(10 if self.duration is None else min(10, self.duration)):
@@ -165,6 +170,17 @@ class Demo:
             effects.close()
         self._report(dsn)
         return 0
+
+    def _servers(self):
+        if self.external:
+            from types import SimpleNamespace
+
+            return SimpleNamespace(database_url=self.settings.require_database_url(),
+                                   kafka_bootstrap=self.settings.kafka_bootstrap, broker="as configured")
+        # Imported here: the embedded stack is an extra, and --external runs without it.
+        from relay.devstack import DevStack
+
+        return DevStack(self.settings).up()
 
     def _spawn(self, target, name: str) -> None:
         def guarded():
@@ -233,5 +249,6 @@ class Demo:
               f"{dups}; unknown outcomes {unknown}; orders charged twice {double}", file=sys.stderr, flush=True)
 
 
-def run_demo(settings: Settings, rate: float = 3.0, duration: float | None = None, dashboard: bool = True) -> int:
-    return Demo(settings, rate, duration, dashboard).run()
+def run_demo(settings: Settings, rate: float = 3.0, duration: float | None = None, dashboard: bool = True,
+             external: bool = False, with_relay: bool = True) -> int:
+    return Demo(settings, rate, duration, dashboard, external, with_relay).run()

@@ -1,14 +1,21 @@
-"""Prometheus metrics and a health endpoint for the relay, on 127.0.0.1:OUTBOX_METRICS_PORT.
+"""Prometheus metrics and health endpoints for the relay, on OUTBOX_METRICS_HOST:OUTBOX_METRICS_PORT
+(127.0.0.1:9464 by default; 0.0.0.0 in a container).
 
     GET /metrics   Prometheus text format
-    GET /healthz   200 {"status": "ok", ...} while the daemon loop is alive (active or standby),
-                   503 when it stopped with an error, its loop is stuck, or events have waited with
-                   nothing acknowledged for OUTBOX_STALL_TIMEOUT_S (publishing_stalled)
+    GET /healthz   liveness: 200 {"status": "ok", ...} while the daemon loop is alive (active or
+                   standby); 503 when it stopped with an error, its loop is stuck, or events have waited
+                   with nothing acknowledged for OUTBOX_STALL_TIMEOUT_S (publishing_stalled). Restart
+                   on failure.
+    GET /readyz    readiness: 200 {"status": "ready", ...} only while this relay holds the slot, streams
+                   it and its last contact with Kafka succeeded; 503 {"status": "not ready", "role":
+                   "standby", "reasons": [...]} otherwise. A standby is healthy but never ready, so a
+                   load balancer or a Kubernetes Service routes to (and an operator sees) the active one.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,6 +51,8 @@ class RelayMetrics:
         self.last_error: str | None = None
         self.healthy = True
         self.stalled = False  # events wait and nothing was acknowledged for OUTBOX_STALL_TIMEOUT_S
+        self.bind_host = "127.0.0.1"  # where serve() listens unless told otherwise (OUTBOX_METRICS_HOST)
+        self._init_readiness()
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()
@@ -57,10 +66,75 @@ class RelayMetrics:
                 "publishing_stalled": self.stalled}
         return (200 if ok else 503), body
 
+    # ----- readiness (issue 11): what /readyz answers.
+    #
+    # The daemon reports two facts besides .role and .healthy:
+    #   streaming  True once START_REPLICATION succeeded (after any backfill), False when the session ends
+    #   kafka_ok   True after each successful Kafka round trip (a batch acknowledged, a metadata fetch),
+    #              False as soon as one failed, until the next success
+    # Until the daemon sets either one, readiness is inferred from what it already reports (role
+    # "active" and outbox_relay_active = 1, which today's daemon sets only after its Publisher
+    # connected and the stream opened, and clears when the session fails). That inference sees a
+    # Kafka outage only once the pipeline gives up and restarts; the explicit flags see it at once.
 
-def serve(metrics: RelayMetrics, port: int) -> ThreadingHTTPServer | None:
+    def _init_readiness(self) -> None:
+        self._streaming = False
+        self._kafka_ok = False
+        self._reported = False  # the daemon set streaming or kafka_ok at least once
+        self.ready_gauge = Gauge("outbox_relay_ready", "1 while /readyz answers 200 (active, streaming, Kafka ok)",
+                                 registry=self.registry)
+        self.ready_gauge.set_function(lambda: 1.0 if self.readiness()[0] == 200 else 0.0)
+
+    @property
+    def streaming(self) -> bool:
+        return self._streaming
+
+    @streaming.setter
+    def streaming(self, value: bool) -> None:
+        self._streaming, self._reported = bool(value), True
+
+    @property
+    def kafka_ok(self) -> bool:
+        return self._kafka_ok
+
+    @kafka_ok.setter
+    def kafka_ok(self, value: bool) -> None:
+        self._kafka_ok, self._reported = bool(value), True
+
+    def readiness(self) -> tuple[int, dict]:
+        live, _ = self.health()
+        if self._reported:
+            streaming, kafka_ok = self._streaming, self._kafka_ok
+        else:
+            # The gauge's own collect(), not the registry's: that would call the ready gauge, i.e. us, again.
+            active = self.active.collect()[0].samples[0].value == 1
+            streaming = kafka_ok = self.role == "active" and active
+        reasons = []
+        if live != 200:
+            reasons.append("the relay loop is not healthy (see /healthz)")
+        if self.role != "active":
+            reasons.append(f"role is {self.role}: another relay holds the slot" if self.role == "standby"
+                           else f"role is {self.role}")
+        if not streaming:
+            reasons.append("not streaming the slot")
+        if not kafka_ok:
+            reasons.append("last contact with Kafka failed or none yet")
+        body = {"status": "not ready" if reasons else "ready", "role": self.role, "streaming": streaming,
+                "kafka_ok": kafka_ok, "reasons": reasons,
+                "last_error": redact(self.last_error) if self.last_error else None}
+        return (503 if reasons else 200), body
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6  # "::" also accepts IPv4 where net.ipv6.bindv6only is 0 (Linux default)
+
+
+def serve(metrics: RelayMetrics, port: int, host: str | None = None) -> ThreadingHTTPServer | None:
+    """Start the HTTP server in a daemon thread. `host` defaults to metrics.bind_host (127.0.0.1)
+    so that callers that only pass the port keep today's loopback-only behaviour."""
     if not port:
         return None
+    host = host or getattr(metrics, "bind_host", None) or "127.0.0.1"
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -69,8 +143,11 @@ def serve(metrics: RelayMetrics, port: int) -> ThreadingHTTPServer | None:
             elif self.path.startswith("/healthz"):
                 code, doc = metrics.health()
                 body, ctype = json.dumps(doc).encode(), "application/json"
+            elif self.path.startswith("/readyz"):
+                code, doc = metrics.readiness()
+                body, ctype = json.dumps(doc).encode(), "application/json"
             else:
-                code, body, ctype = 404, b"try /metrics or /healthz\n", "text/plain"
+                code, body, ctype = 404, b"try /metrics, /healthz or /readyz\n", "text/plain"
             self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
@@ -80,7 +157,7 @@ def serve(metrics: RelayMetrics, port: int) -> ThreadingHTTPServer | None:
         def log_message(self, *args) -> None:  # scrapes every few seconds would flood the log
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server = (_IPv6Server if ":" in host else ThreadingHTTPServer)((host, port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="outbox-metrics", daemon=True).start()
     return server

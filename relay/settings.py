@@ -62,6 +62,8 @@ _HINTS: dict[str, str] = {
     "dev_kafka": "use auto, apache or tansu",
     "log_format": "use text or json",
     "log_level": "use DEBUG, INFO, WARNING or ERROR",
+    "metrics_host": "use an IP address to listen on: 127.0.0.1 (default) or 0.0.0.0 inside a container",
+    "dashboard_host": "use an IP address to listen on: 127.0.0.1 (default) or 0.0.0.0 inside a container",
 }
 
 
@@ -116,6 +118,9 @@ class Settings(BaseSettings):
     # /healthz turns unhealthy when events wait and nothing was acknowledged for this long.
     stall_timeout_s: float = Field(default=60.0, gt=0, le=86_400)
     metrics_port: int = Field(default=9464, ge=0, le=65535)
+    # --- deployment: bind addresses (issue 11). Loopback by default so a laptop exposes nothing;
+    # containers set 0.0.0.0 because their network namespace is the boundary, and probes come from outside it.
+    metrics_host: str = "127.0.0.1"
 
     # --- inbox (consumers)
     inbox_max_attempts: int = Field(default=5, ge=1, le=100)
@@ -129,6 +134,7 @@ class Settings(BaseSettings):
 
     # --- dashboard
     dashboard_port: int = Field(default=8501, ge=1, le=65535)
+    dashboard_host: str = "127.0.0.1"  # deployment (issue 11): 0.0.0.0 in a container, see metrics_host
     # A login for the dashboard alone (default: database_url). Either way the dashboard switches to
     # dashboard_role, which can only read plus call outbox.resolve_effect (sql/004_dashboard.sql).
     dashboard_database_url: DsnSetting = None
@@ -158,6 +164,17 @@ class Settings(BaseSettings):
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"{server!r} is not host:port")
         return ",".join(servers)
+
+    @field_validator("metrics_host", "dashboard_host")
+    @classmethod
+    def _bind_host(cls, value: str) -> str:
+        # An IP literal only: a host name would resolve at bind time, and to an address nobody expected.
+        import ipaddress
+
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
 
     @field_validator("kafka_sasl_username", "kafka_sasl_password")
     @classmethod
@@ -228,12 +245,65 @@ class Settings(BaseSettings):
         return {"bootstrap_servers": self.kafka_servers, **self.kafka_security()}
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Build the settings, turning pydantic's validation report into one actionable ConfigError."""
+def load_settings(*, warn_unknown: bool = True, **overrides: Any) -> Settings:
+    """Build the settings, turning pydantic's validation report into one actionable ConfigError.
+    warn_unknown=False: the caller calls warn_unknown_variables() itself once its logging is set up."""
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None
+    if warn_unknown:
+        warn_unknown_variables()
+    return settings
+
+
+# --- unknown OUTBOX_* variables (issue 11)
+# extra="ignore" is what lets one environment serve every component, but it also made a typo such as
+# OUTBOX_DELIVERY_MODE silently fall back to the default. So each unknown name is named once per
+# process, with the closest setting. Values are never shown: the variable could hold a password.
+
+# Read by the test suite, not by the settings model.
+NOT_SETTINGS = frozenset({"OUTBOX_REQUIRE_BROWSER", "OUTBOX_REQUIRE_PROMTOOL", "OUTBOX_TEST_SEED",
+                          "OUTBOX_UPDATE_SCREENSHOTS"})
+_warned: set[str] = set()
+
+
+def known_variables() -> frozenset[str]:
+    return frozenset(ENV_PREFIX + name.upper() for name in Settings.model_fields)
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> dict[str, str | None]:
+    """Unknown OUTBOX_* names in the environment and the env files -> the closest known variable."""
+    import difflib
+
+    names = {k.upper() for k in (os.environ if environ is None else environ) if k.upper().startswith(ENV_PREFIX)}
+    if environ is None:
+        names |= _env_file_names()
+    known = known_variables()
+    return {name: next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.6)), None)
+            for name in sorted(names - known - NOT_SETTINGS)}
+
+
+def _env_file_names() -> set[str]:
+    from dotenv import dotenv_values
+
+    names: set[str] = set()
+    for path in Settings.model_config["env_file"]:
+        if Path(path).is_file():
+            names |= {k.upper() for k in dotenv_values(path) if k.upper().startswith(ENV_PREFIX)}
+    return names
+
+
+def warn_unknown_variables() -> None:
+    import logging
+
+    log = logging.getLogger("outbox.settings")
+    for name, closest in unknown_variables().items():
+        if name in _warned:
+            continue
+        _warned.add(name)
+        hint = f"; did you mean {closest}?" if closest else ""
+        log.warning("%s is not a setting and is ignored%s (docs/configuration.md lists them)", name, hint)
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -251,3 +321,114 @@ def describe_validation_error(exc: ValidationError) -> str:
             line += f" Fix: {fix}."
         lines.append(line)
     return "\n".join(lines)
+
+
+# --- docs/configuration.md (issue 11), generated: python -m relay.settings --markdown > docs/configuration.md
+# One line per setting; tests/test_configuration_doc.py fails when the committed file is stale or a
+# new setting has no line here.
+
+SETTING_DOCS: dict[str, str] = {
+    "database_url": "libpq URL or key=value DSN of the application database; its password is masked everywhere",
+    "kafka_bootstrap": "comma-separated host:port list of Kafka brokers",
+    "kafka_security_protocol": "what the brokers' listener speaks; used by the relay, inbox and dashboard alike",
+    "kafka_sasl_mechanism": "SASL mechanism with a SASL_* protocol",
+    "kafka_sasl_username": "SASL user (required with a SASL_* protocol)",
+    "kafka_sasl_password": "SASL password (required with a SASL_* protocol); masked in every log line",
+    "kafka_ssl_cafile": "PEM file of the CA that signed the brokers' certificates; system CAs when unset",
+    "delivery": "`exactly-once` needs a broker with correct transactions (Apache Kafka)",
+    "slot_name": "logical replication slot; relays with the same slot form one active/standby group",
+    "publication": "publication over outbox.events",
+    "topic_template": "Kafka topic per event, with {aggregate_type} and {event_type}",
+    "relay_id": "name of this relay process in outbox.relay_instances and the dashboard",
+    "checkpoint_topic": "topic of the exactly-once checkpoints",
+    "compression": "Kafka compression; auto: zstd, else lz4 when installed (the codecs extra), else none",
+    "linger_ms": "producer linger: how long a record waits for its batch to fill",
+    "batch_max_events": "events per relay batch at most",
+    "batch_max_age_ms": "a batch is closed after this long",
+    "max_record_bytes": "larger events are dead-lettered instead of failing the batch",
+    "max_inflight_bytes": "bytes sent to Kafka and not yet acknowledged at most (back-pressure)",
+    "max_inflight_events": "events sent to Kafka and not yet acknowledged at most (back-pressure)",
+    "heartbeat_interval_s": "how often a relay records that it is alive",
+    "status_interval_s": "how often the relay sends its position to PostgreSQL (standby status update)",
+    "track_deliveries": "record topic/partition/offset per event for the dashboard's trace view",
+    "topic_create": "create the topics the relay sends to on first use (for brokers with auto-creation off)",
+    "topic_partitions": "partitions of a topic the relay creates (default: the broker's)",
+    "topic_replication_factor": "replication factor of a topic the relay creates (default: the broker's)",
+    "stall_timeout_s": "/healthz turns unhealthy when events wait and nothing was acknowledged for this long",
+    "metrics_port": "port of /metrics, /healthz (liveness) and /readyz (readiness); 0 turns the server off",
+    "metrics_host": "address the metrics server listens on; 0.0.0.0 in a container",
+    "inbox_max_attempts": "handler attempts before a record is dead-lettered",
+    "inbox_backoff_initial_s": "first retry delay of a failing handler",
+    "inbox_backoff_max_s": "longest retry delay of a failing handler",
+    "inbox_poll_records": "records per poll, and so per PostgreSQL transaction, at most",
+    "inbox_retention_days": "inbox rows older than this are purged",
+    "inbox_purge_batch": "rows per DELETE when purging (bounds lock time)",
+    "effect_lease_s": "how long an effect attempt holds its lease before another worker may take it",
+    "effect_retention_days": "settled effect keys older than this are purged; unknown/in-progress ones are kept",
+    "dashboard_port": "port of `outbox dashboard`",
+    "dashboard_host": "address the dashboard listens on; 0.0.0.0 in a container (it has no login of its own)",
+    "dashboard_database_url": "a login for the dashboard alone (default: OUTBOX_DATABASE_URL)",
+    "dashboard_role": "the role the dashboard switches to: read-only plus outbox.resolve_effect",
+    "dashboard_refresh_s": "how often the dashboard's pages refresh",
+    "log_level": "log level of every component",
+    "log_format": "`json` for structured logs",
+    "dev_dir": "where `outbox dev` keeps the embedded servers and dev.env",
+    "dev_kafka": "broker of the dev stack: Apache Kafka when Java 17+ is found (auto), or Tansu",
+    "dev_kafka_version": "Apache Kafka version of the dev stack (its jars are pinned by SHA-256)",
+    "dev_cache_dir": "where the Kafka jars are cached (default $XDG_CACHE_HOME or ~/.cache, then outbox/)",
+    "dev_pg_user": "system user that runs the embedded PostgreSQL when started as root",
+    "maven_repo": "Maven repository the Kafka jars are fetched from",
+}
+
+_SECTIONS = {"database_url": "Connections", "delivery": "Relay", "inbox_max_attempts": "Inbox (consumers)",
+             "dashboard_port": "Dashboard", "log_level": "Logging", "dev_dir": "Embedded dev stack (`outbox dev`)"}
+
+
+def _doc_default(name: str, field: Any) -> str:
+    if name == "relay_id":
+        return "host name-PID"
+    default = field.default
+    if default is None:
+        return "—"
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    return f"`{default}`"
+
+
+def _doc_allowed(field: Any) -> str:
+    from typing import get_args, get_origin
+
+    if get_origin(field.annotation) is Literal:
+        return ", ".join(f"`{v}`" for v in get_args(field.annotation))
+    bounds = []
+    for m in field.metadata:
+        for attr, sign in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")):
+            if getattr(m, attr, None) is not None:
+                bounds.append(f"{sign} {getattr(m, attr):,}".replace(",", " "))
+    return ", ".join(bounds)
+
+
+def markdown() -> str:
+    missing = set(Settings.model_fields) - set(SETTING_DOCS)
+    if missing:
+        raise SystemExit(f"SETTING_DOCS has no line for: {', '.join(sorted(missing))}")
+    out = ["# Configuration", "",
+           "<!-- Generated from relay/settings.py by `python -m relay.settings --markdown > docs/configuration.md`;"
+           " do not edit by hand. -->", "",
+           "Every component reads one settings model: `OUTBOX_*` environment variables, then `.env`, then",
+           "`.outbox/dev.env` (written by `outbox dev up`). A bad value stops the program at start-up with the",
+           "variable's name and the fix; an unknown `OUTBOX_*` name is named in a warning with the closest one."]
+    for name, field in Settings.model_fields.items():
+        if name in _SECTIONS:
+            out += ["", f"## {_SECTIONS[name]}", "", "| Variable | Default | Allowed | |", "|---|---|---|---|"]
+        out.append(f"| `{ENV_PREFIX}{name.upper()}` | {_doc_default(name, field)} | {_doc_allowed(field)} | "
+                   f"{SETTING_DOCS[name]} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--markdown"]:
+        raise SystemExit("usage: python -m relay.settings --markdown > docs/configuration.md")
+    sys.stdout.write(markdown())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -188,3 +189,71 @@ def test_sasl_password_is_masked_everywhere_and_reaches_every_kafka_client(monke
 
 def test_plaintext_clients_get_no_security_options():
     assert load_settings().kafka_security() == {"security_protocol": "PLAINTEXT"}
+
+
+# ----- unknown OUTBOX_* variables and bind addresses (issue 11)
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    import relay.settings as settings_module
+
+    monkeypatch.setattr(settings_module, "_warned", set())
+
+
+def test_a_misspelt_variable_is_named_once_with_the_closest_setting(monkeypatch, caplog, fresh_warnings):
+    monkeypatch.setenv("OUTBOX_DELIVER", "exactly-once")
+    monkeypatch.setenv("OUTBOX_KAFKA_SASL_PASSWORT", SECRET)
+    monkeypatch.setenv("OUTBOX_ZZZ_NOTHING_LIKE_IT", "1")
+    monkeypatch.setenv("OUTBOX_REQUIRE_BROWSER", "1")  # the test suite's own knob: not a typo
+    with caplog.at_level(logging.WARNING, logger="outbox.settings"):
+        s = load_settings()
+        load_settings()  # logged once per process, not per load
+    assert s.delivery == "at-least-once"  # the typo did not take effect; hence the warning
+    messages = [r.getMessage() for r in caplog.records if r.name == "outbox.settings"]
+    assert messages == [
+        "OUTBOX_DELIVER is not a setting and is ignored; did you mean OUTBOX_DELIVERY? "
+        "(docs/configuration.md lists them)",
+        "OUTBOX_KAFKA_SASL_PASSWORT is not a setting and is ignored; did you mean OUTBOX_KAFKA_SASL_PASSWORD? "
+        "(docs/configuration.md lists them)",
+        "OUTBOX_ZZZ_NOTHING_LIKE_IT is not a setting and is ignored (docs/configuration.md lists them)",
+    ]
+    assert SECRET not in caplog.text
+
+
+def test_misspelt_variables_in_env_files_are_named_too(tmp_path, caplog, fresh_warnings):
+    (tmp_path / ".env").write_text("OUTBOX_SLOT_NAMES=x\nOUTBOX_SLOT_NAME=ok_slot\n")
+    with caplog.at_level(logging.WARNING, logger="outbox.settings"):
+        assert load_settings().slot_name == "ok_slot"
+    assert "OUTBOX_SLOT_NAMES is not a setting and is ignored; did you mean OUTBOX_SLOT_NAME?" in caplog.text
+
+
+def test_known_variables_raise_no_warning(monkeypatch, caplog, fresh_warnings):
+    monkeypatch.setenv("OUTBOX_METRICS_HOST", "0.0.0.0")
+    monkeypatch.setenv("OUTBOX_DASHBOARD_HOST", "::")
+    with caplog.at_level(logging.WARNING, logger="outbox.settings"):
+        s = load_settings()
+    assert (s.metrics_host, s.dashboard_host) == ("0.0.0.0", "::")
+    assert not [r for r in caplog.records if r.name == "outbox.settings"]
+
+
+def test_the_cli_prints_the_warning_at_start_up(tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("OUTBOX_")}
+    env["OUTBOX_METRICS_PROT"] = "9999"
+    result = subprocess.run([sys.executable, "-m", "relay.cli", "migrate"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2  # no OUTBOX_DATABASE_URL
+    assert "OUTBOX_METRICS_PROT is not a setting and is ignored; did you mean OUTBOX_METRICS_PORT?" in result.stderr
+    assert result.stderr.count("OUTBOX_METRICS_PROT") == 1
+    env["OUTBOX_LOG_FORMAT"] = "json"  # a container's log collector gets it as one JSON record
+    result = subprocess.run([sys.executable, "-m", "relay.cli", "migrate"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    record = next(json.loads(line) for line in result.stderr.splitlines() if "OUTBOX_METRICS_PROT" in line)
+    assert record["level"] == "warning" and "did you mean OUTBOX_METRICS_PORT?" in record["msg"]
+
+
+@pytest.mark.parametrize("value", ["localhost", "0.0.0.0.0", "my host"])
+def test_bind_hosts_must_be_ip_addresses(monkeypatch, value):
+    monkeypatch.setenv("OUTBOX_METRICS_HOST", value)
+    with pytest.raises(ConfigError, match=r"OUTBOX_METRICS_HOST=.*is not an IP address.*Fix: use an IP address"):
+        load_settings()
