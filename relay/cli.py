@@ -77,12 +77,8 @@ def _relay(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
     from relay.daemon import Relay
-    from relay.metrics import RelayMetrics
 
-    metrics = RelayMetrics()
-    metrics.bind_host = settings.metrics_host  # the daemon's serve() call passes only the port
-    relay = Relay(settings, recreate_slot=args.recreate_slot, reset_checkpoint=args.reset_checkpoint,
-                  metrics=metrics)
+    relay = Relay(settings, recreate_slot=args.recreate_slot, reset_checkpoint=args.reset_checkpoint)
 
     def on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
         if relay.stop.is_set():

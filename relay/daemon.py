@@ -92,7 +92,7 @@ class Relay:
         self.stop.set()
 
     def run(self) -> int:
-        server = serve(self.metrics, self.s.metrics_port)
+        server = serve(self.metrics, self.s.metrics_port, self.s.metrics_host)
         log.info("relay %s starting: slot=%s publication=%s delivery=%s kafka=%s database=%s",
                  self.s.relay_id, self.s.slot_name, self.s.publication, self.s.delivery, self.s.kafka_description,
                  self.dsn)
@@ -115,6 +115,8 @@ class Relay:
                         message = f"{type(exc).__name__}: {message}"
                     self.metrics.restarts.inc()
                     self.metrics.last_error = message
+                    if isinstance(exc, (kerr.KafkaError, Fenced)) or "Kafka" in message:
+                        self.metrics.kafka_ok = False
                     log.warning("pipeline stopped, restarting from the slot in %.0f s: %s", backoff, message)
                     self._record_error(message)
                     if time.monotonic() - started > 60:
@@ -128,6 +130,7 @@ class Relay:
                     return 1
                 finally:
                     self.metrics.active.set(0)
+                    self.metrics.streaming = False
             return 0
         finally:
             self._set_role("stopped")
@@ -163,6 +166,7 @@ class Relay:
 
             eos = s.delivery == "exactly-once"
             publisher = Publisher(s, f"outbox-relay-{identity.key}" if eos else None)
+            self.metrics.kafka_ok = True  # bootstrapped: the brokers answered
             topics = TopicProvisioner(s)
             ledger = None
             stream = ReplicationStream(self.dsn, s.slot_name, s.publication)
@@ -191,6 +195,7 @@ class Relay:
                 if snapshot is not None:
                     self._backfill(control, pipeline, snapshot, resume)
                 self._open_stream(control, stream)
+                self.metrics.streaming = True
                 self.metrics.role = "active"
                 self.metrics.active.set(1)
                 self._set_role("active", control)

@@ -316,6 +316,7 @@ class Pipeline:
 
     def _on_persisted(self, outcome: Outcome, published: int) -> None:
         m = self.metrics
+        m.kafka_ok = True
         m.published.inc(published)
         m.batches.labels(outcome.status).inc()
         for dead in outcome.batch.dead:
