@@ -131,6 +131,9 @@ def _as_text(s, findings, attention: bool) -> str:
         lines.append(f"slot        {slot.slot_name} ({slot.delivery}): lag {size(slot.lag_bytes)} / "
                      f"{duration(s.in_flight['oldest_age_s'])}, wal_status {wal}, retained WAL "
                      f"{size(slot.retained_wal_bytes)}; relays: {who}")
+        if isinstance(slot.failover_detail, str):
+            ready = {"True": "ready", "False": "NOT READY"}.get(str(slot.failover_ready), "n/a")
+            lines.append(f"failover    {ready}: {slot.failover_detail}")
     if s.slots.empty:
         lines.append("slot        none (no relay has run against this database)")
     lines.append(f"in flight   {s.in_flight['count']:,} events"

@@ -76,6 +76,9 @@ def assess(s: Snapshot, *, max_in_flight_age_s: float = MAX_IN_FLIGHT_AGE_S,
         elif slot.wal_status == "unreserved":
             attention(f"replication slot {slot.slot_name} is about to be invalidated (wal_status=unreserved): "
                       f"the relay is too far behind max_slot_wal_keep_size", "Overview")
+        if str(slot.failover_ready) == "False":  # None/NA: no standby configured, nothing to lose
+            attention(f"a failover now would lose replication slot {slot.slot_name}: {slot.failover_detail}",
+                      "Overview")
         if not (live["slot_name"] == slot.slot_name).any():
             attention(f"no relay is streaming slot {slot.slot_name}: start `outbox relay`", "Overview")
     if s.slots.empty and s.in_flight["count"]:

@@ -58,6 +58,7 @@ def slots(conn: psycopg.Connection) -> pd.DataFrame:
         SELECT s.slot_name, s.delivery, s.active_relay_id, s.confirmed_lsn::text AS confirmed_lsn,
                s.events_published, s.events_dead_lettered, s.last_event_id::text AS last_event_id,
                s.last_published_at, s.last_error, s.last_error_at, s.updated_at,
+               s.failover_ready, s.failover_detail, s.standby_lag_bytes,
                r.slot_name IS NULL AS slot_missing, r.active AS slot_active, r.wal_status,
                pg_wal_lsn_diff(here.lsn, r.confirmed_flush_lsn)::bigint AS lag_bytes,
                pg_wal_lsn_diff(here.lsn, r.restart_lsn)::bigint AS retained_wal_bytes,

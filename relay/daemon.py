@@ -30,7 +30,7 @@ from relay.pgoutput import str_to_lsn
 from relay.pipeline import Pipeline, Transient
 from relay.publisher import Fenced, Publisher, TopicProvisioner, ensure_checkpoint_topic, read_checkpoint
 from relay.redact import redact
-from relay.replication import ReplicationError, ReplicationStream, ServerPosition, identify_server
+from relay.replication import ReplicationError, ReplicationStream, ServerPosition, identify_server, quote_ident
 from relay.router import TABLE_LAYOUT
 from relay.settings import Settings
 from relay.slot import FatalError
@@ -231,11 +231,11 @@ class Relay:
                         "oid %s) and adopting this server (system %s, database oid %s)", s.slot_name, recorded[0],
                         recorded[1], server.system_identifier, dboid)
             control.execute("UPDATE outbox.relay_status SET watermark_txid = NULL, confirmed_lsn = NULL, "
-                            "system_identifier = NULL WHERE slot_name = %s", (s.slot_name,))
+                            "system_identifier = NULL, slot_created_lsn = NULL WHERE slot_name = %s", (s.slot_name,))
             if recorded[0] is not None and recorded[0] != server.system_identifier:
                 # Another server's slot snapshot and backfill list mean nothing here.
-                control.execute("UPDATE outbox.relay_status SET backfill_snapshot = NULL, slot_creating = false, "
-                                "slot_created_lsn = NULL WHERE slot_name = %s", (s.slot_name,))
+                control.execute("UPDATE outbox.relay_status SET backfill_snapshot = NULL, slot_creating = false "
+                                "WHERE slot_name = %s", (s.slot_name,))
                 control.execute("DELETE FROM outbox.relay_backfill WHERE slot_name = %s", (s.slot_name,))
             recorded = (None, None)
         elif recorded[0] is not None and (recorded[0], recorded[1]) != (server.system_identifier, dboid):
@@ -311,7 +311,8 @@ class Relay:
             "SELECT slot_creating, backfill_snapshot::text FROM outbox.relay_status WHERE slot_name = %s",
             (s.slot_name,)).fetchone()
         state = slots.slot_state(control, s.slot_name)
-        if self.recreate_slot or creating:
+        recreating = self.recreate_slot or creating
+        if recreating:
             if state is not None:
                 if state["active_pid"]:
                     raise FatalError(f"slot {s.slot_name!r} is in use by PID {state['active_pid']}; stop that "
@@ -322,9 +323,33 @@ class Relay:
                 state = None
             self.recreate_slot = False
         if state is None:
+            created = control.execute("SELECT slot_created_lsn::text FROM outbox.relay_status WHERE slot_name = %s",
+                                      (s.slot_name,)).fetchone()[0]
+            if created is not None and not recreating:
+                # This relay created the slot once and it is gone: dropped, or lost in a failover to a
+                # standby that did not have it synchronized. A new slot would start now and never
+                # stream what was committed since the old one's position, so a human decides.
+                raise FatalError(slots.SLOT_MISSING_FIX.format(slot=s.slot_name, created=created))
             return self._create_slot(control)
         slots.check_slot(control, s.slot_name, state)
+        self._ensure_failover(control, state)
         return snapshot
+
+    def _failover(self, control: psycopg.Connection) -> bool:
+        supported = control.info.server_version >= 170000
+        if self.s.slot_failover == "on" and not supported:
+            raise FatalError(f"OUTBOX_SLOT_FAILOVER=on needs PostgreSQL 17 or newer (this is "
+                             f"{control.info.server_version // 10000}). Fix: set OUTBOX_SLOT_FAILOVER=auto or off; "
+                             f"after a failover the relay then stops and asks for --recreate-slot.")
+        return supported and self.s.slot_failover != "off"
+
+    def _ensure_failover(self, control: psycopg.Connection, state: dict) -> None:
+        """A slot created before failover slots were turned on (or by an older relay) becomes one."""
+        if self._failover(control) and state.get("failover") == "false":
+            with psycopg.connect(self.dsn.secret(), replication="database", autocommit=True, connect_timeout=10,
+                                 client_encoding="utf8") as repl:
+                repl.execute(f"ALTER_REPLICATION_SLOT {quote_ident(self.s.slot_name)} (FAILOVER true)")
+            log.info("replication slot %s is now a failover slot (synchronized to standbys)", self.s.slot_name)
 
     def _create_slot(self, control: psycopg.Connection) -> str:
         """Create the slot together with the snapshot of what it will never stream."""
@@ -335,7 +360,14 @@ class Relay:
         watcher = threading.Thread(target=self._report_slot_wait, args=(repl,), daemon=True)
         watcher.start()
         try:
-            row = repl.execute(f'CREATE_REPLICATION_SLOT "{s.slot_name}" LOGICAL pgoutput EXPORT_SNAPSHOT').fetchone()
+            if self._failover(control):
+                # A failover slot (PostgreSQL 17+) is synchronized to standbys that run with
+                # sync_replication_slots=on, so a promoted standby can resume where we were.
+                command = f"CREATE_REPLICATION_SLOT {quote_ident(s.slot_name)} LOGICAL pgoutput " \
+                          f"(SNAPSHOT 'export', FAILOVER true)"
+            else:
+                command = f"CREATE_REPLICATION_SLOT {quote_ident(s.slot_name)} LOGICAL pgoutput EXPORT_SNAPSHOT"
+            row = repl.execute(command).fetchone()
             with psycopg.connect(self.dsn.secret(), connect_timeout=10, client_encoding="utf8") as tx:
                 tx.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
                 tx.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(row[2])))

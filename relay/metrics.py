@@ -41,6 +41,12 @@ class RelayMetrics:
                                     "WAL retained for the slot: current LSN - confirmed_flush_lsn", registry=r)
         self.slot_lag_seconds = Gauge("outbox_relay_slot_lag_seconds",
                                       "Age of the oldest committed transaction not yet acknowledged", registry=r)
+        self.failover_ready = Gauge(
+            "outbox_relay_failover_ready", "1: promoting the standby now keeps the slot; 0: it would lose it; "
+            "-1: no standby configured", registry=r)
+        self.standby_lag_bytes = Gauge("outbox_relay_standby_lag_bytes",
+                                       "WAL the standby named in synchronized_standby_slots has not confirmed",
+                                       registry=r)
         self.active = Gauge("outbox_relay_active", "1 while this process streams the slot, 0 on standby", registry=r)
         self.confirmed_lsn = Gauge("outbox_relay_confirmed_lsn", "Slot position confirmed to PostgreSQL", registry=r)
         self.latency = Histogram(

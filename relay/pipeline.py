@@ -34,7 +34,7 @@ from relay.publisher import Fenced, Publisher, TopicProvisioner, classify
 from relay.replication import Keepalive, ReplicationStream, XLogData, now_pg, parse_frame
 from relay.router import Layout, Router, RouteError, SchemaError, Txn
 from relay.settings import Settings
-from relay.slot import PUBLICATION_GONE_FIX, FatalError
+from relay.slot import PUBLICATION_GONE_FIX, FatalError, failover_readiness
 
 log = logging.getLogger("outbox.relay")
 
@@ -409,6 +409,11 @@ class Pipeline:
         self.metrics.inflight_events.set(bk.inflight_events)
         self.metrics.inflight_bytes.set(bk.inflight_bytes)
         ledger_sql.record_progress(c, self.s.slot_name, self.s.relay_id, bk.confirmed, self.watermark)
+        ready, detail, standby_lag = failover_readiness(c, self.s.slot_name)
+        self.metrics.failover_ready.set(-1 if ready is None else int(ready))
+        self.metrics.standby_lag_bytes.set(standby_lag or 0)
+        c.execute("UPDATE outbox.relay_status SET failover_ready = %s, failover_detail = %s, standby_lag_bytes = %s "
+                  "WHERE slot_name = %s", (ready, detail, standby_lag, self.s.slot_name))
 
     def _heartbeat(self) -> None:
         # A tiny transaction in this database gives the slot a position to confirm (and its

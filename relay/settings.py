@@ -54,6 +54,7 @@ _HINTS: dict[str, str] = {
     "kafka_ssl_cafile": "point it to the PEM file of the CA that signed the brokers' certificates, or unset it "
     "to use the system's CAs",
     "delivery": "use at-least-once (default) or exactly-once",
+    "slot_failover": "use auto, on or off",
     "slot_name": "use lower-case letters, digits and underscores, at most 63 characters, e.g. outbox_relay",
     "publication": "use lower-case letters, digits and underscores, at most 63 characters, e.g. outbox_events",
     "topic_template": "use a Python format string with only {aggregate_type} and {event_type}, "
@@ -115,6 +116,8 @@ class Settings(BaseSettings):
     topic_create: bool = True
     topic_partitions: int | None = Field(default=None, ge=1, le=100_000)
     topic_replication_factor: int | None = Field(default=None, ge=1, le=32)
+    # Failover slot (PostgreSQL 17+): synchronized to standbys with sync_replication_slots=on.
+    slot_failover: Literal["auto", "on", "off"] = "auto"
     # /healthz turns unhealthy when events wait and nothing was acknowledged for this long.
     stall_timeout_s: float = Field(default=60.0, gt=0, le=86_400)
     metrics_port: int = Field(default=9464, ge=0, le=65535)
@@ -354,6 +357,7 @@ SETTING_DOCS: dict[str, str] = {
     "topic_create": "create the topics the relay sends to on first use (for brokers with auto-creation off)",
     "topic_partitions": "partitions of a topic the relay creates (default: the broker's)",
     "topic_replication_factor": "replication factor of a topic the relay creates (default: the broker's)",
+    "slot_failover": "create the slot as a failover slot on PostgreSQL 17+ (auto), always (on) or never (off)",
     "stall_timeout_s": "/healthz turns unhealthy when events wait and nothing was acknowledged for this long",
     "metrics_port": "port of /metrics, /healthz (liveness) and /readyz (readiness); 0 turns the server off",
     "metrics_host": "address the metrics server listens on; 0.0.0.0 in a container",

@@ -24,6 +24,14 @@ SLOT_LOST_FIX = (
     "and re-creates the slot and republishes, from the outbox table, every event not recorded as published; "
     "consider raising max_slot_wal_keep_size and alerting on outbox_relay_slot_lag_bytes."
 )
+SLOT_MISSING_FIX = (
+    "replication slot {slot!r} (created by the relay at {created}) no longer exists: it was dropped, or this server "
+    "was promoted from a standby that did not have it synchronized (PostgreSQL 16 or older, a standby without "
+    "sync_replication_slots, or one that was behind). A new slot would start now and never stream what was "
+    "committed since the old slot's position, so the relay does not create one by itself. Fix: run "
+    "`outbox relay --recreate-slot`, which creates the slot and republishes, from the outbox table, every event "
+    "not recorded as published (consumers may see some twice; the inbox deduplicates them)."
+)
 PUBLICATION_GONE_FIX = (
     "the slot cannot decode the outbox: {detail}. The publication was dropped (or re-created after the slot's "
     "position, which a slot cannot see). Fix: run `outbox relay --recreate-slot`: it re-creates the publication "
@@ -79,10 +87,12 @@ def ensure_publication(conn: psycopg.Connection, publication: str) -> None:
 def slot_state(conn: psycopg.Connection, slot: str) -> dict | None:
     row = conn.execute(
         "SELECT plugin, database, active_pid, wal_status, confirmed_flush_lsn::text, "
-        "to_jsonb(s) ->> 'invalidation_reason' FROM pg_replication_slots s WHERE slot_name = %s", (slot,)).fetchone()
+        "to_jsonb(s) ->> 'invalidation_reason', to_jsonb(s) ->> 'failover', to_jsonb(s) ->> 'synced' "
+        "FROM pg_replication_slots s WHERE slot_name = %s", (slot,)).fetchone()
     if row is None:
         return None
-    keys = ("plugin", "database", "active_pid", "wal_status", "confirmed_flush_lsn", "invalidation_reason")
+    keys = ("plugin", "database", "active_pid", "wal_status", "confirmed_flush_lsn", "invalidation_reason",
+            "failover", "synced")
     return dict(zip(keys, row))
 
 
@@ -123,3 +133,37 @@ def fatal_stream_error(message: str, slot: str, publication: str) -> FatalError 
     if "publication" in message and "does not exist" in message:
         return FatalError(PUBLICATION_GONE_FIX.format(detail=message.splitlines()[0], pub=publication))
     return None  # e.g. the slot was dropped under us: the next session re-creates it
+
+
+def failover_readiness(conn: psycopg.Connection, slot: str) -> tuple[bool | None, str, int | None]:
+    """Would a promotion of the standby keep the slot? (ready, why, standby lag in bytes).
+
+    None when no standby is configured for slot synchronization (nothing to fail over to). Seen
+    from the primary: the slot is a failover slot, `synchronized_standby_slots` names the standby's
+    physical slot, and that standby is connected; how far behind it is bounds what the synced slot
+    may lack. Whether the standby runs with sync_replication_slots=on is visible only there."""
+    if conn.info.server_version < 170000:
+        return None, "PostgreSQL 16 or older has no failover slots: a promoted standby has no slot", None
+    row = conn.execute(
+        "SELECT (to_jsonb(s) ->> 'failover')::boolean, current_setting('synchronized_standby_slots', true) "
+        "FROM pg_replication_slots s WHERE slot_name = %s", (slot,)).fetchone()
+    if row is None:
+        return False, f"slot {slot!r} does not exist", None
+    failover, standby_slots = row
+    names = [n.strip().strip('"') for n in (standby_slots or "").split(",") if n.strip()]
+    if not names:
+        return None, "no standby is configured (synchronized_standby_slots is empty)", None
+    if not failover:
+        return False, f"slot {slot!r} is not a failover slot (OUTBOX_SLOT_FAILOVER)", None
+    rows = conn.execute(
+        "SELECT slot_name, active, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint "
+        "FROM pg_replication_slots WHERE slot_type = 'physical' AND slot_name = ANY(%s)", (names,)).fetchall()
+    found = {name: (active, lag) for name, active, lag in rows}
+    missing = [n for n in names if n not in found]
+    if missing:
+        return False, f"synchronized_standby_slots names {missing}, which do not exist", None
+    down = [n for n, (active, _) in found.items() if not active]
+    lag = max((lag or 0) for _, lag in found.values())
+    if down:
+        return False, f"standby slot(s) {down} are not connected: a promotion now would not have the slot", lag
+    return True, f"standby slot(s) {names} connected, {lag} bytes behind", lag

@@ -40,6 +40,9 @@ def render(ctx: Context) -> None:
                             "`outbox relay --recreate-slot`")
         cols[4].metric("Retained WAL", size(slot.retained_wal_bytes),
                        help="WAL the server keeps for this slot (disk it cannot free)")
+        if isinstance(slot.failover_detail, str):
+            ready = {"True": "✅ ready", "False": "⚠️ not ready"}.get(str(slot.failover_ready), "n/a")
+            st.caption(f"Failover {ready}: {slot.failover_detail}")
         published = slot.last_published_at.strftime("%H:%M:%S") if slot.last_published_at is not None else "never"
         line = (f"Delivery **{slot.delivery}** · {slot.events_published:,} published · "
                 f"{slot.events_dead_lettered:,} dead-lettered · last ack {published}")
