@@ -49,8 +49,9 @@ def test_checkpoint_from_another_database_is_never_used_to_skip(db, admin_dsn, k
         wait_streaming(db)
         emit_many(db, "order", 200, per_txn=20)
         wait_for(lambda: published(db) == 200, 60, "200 events from server A")
-    emit_many(other_server, "order", 50, per_txn=5)
     with RelayThread(relay_settings(other_server, kafka, topic_prefix, delivery="exactly-once")) as relay:
+        wait_streaming(other_server)  # streamed, not backfilled: each commit LSN is compared with the checkpoint
+        emit_many(other_server, "order", 50, per_txn=5)
         wait_for(lambda: published(other_server) == 50, 60, "server B's 50 events")
         assert relay.exit_code is None
     records = read_topic(kafka, f"{topic_prefix}.order", expect=250, isolation="read_committed", settle=2.0)
