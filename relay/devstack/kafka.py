@@ -165,13 +165,23 @@ class Broker:
 
     def start(self, pid: int | None, port: int | None, timeout: float = 90) -> tuple[int, int]:
         """Start the broker, or reuse the one we started before; returns (pid, port)."""
+        running = self.running(pid, port)
+        if running is not None:
+            self.wait_ready(running, port, timeout, already=True)
+            return pid, port
+        proc, port = self.spawn(port)
+        self.wait_ready(proc, port, timeout)
+        return proc.pid, port
+
+    def running(self, pid: int | None, port: int | None):
+        """Our live process for (pid, port), else None; stops an unrecorded one on our directory."""
         running = ours(pid, self._marker(port)) if port else None
         if running is None:
             self._stop_orphan()
-        else:
-            wait_until(lambda: broker_answers(f"127.0.0.1:{port}", **self.client), timeout,
-                       f"{self.name} (already running)", running.is_running, self.log)
-            return pid, port
+        return running
+
+    def spawn(self, port: int | None) -> tuple[subprocess.Popen, int]:
+        """Launch without waiting: the nodes of a cluster only become ready together."""
         self.root.mkdir(parents=True, exist_ok=True)
         port = port if port and port_is_free(port) else free_port()
         argv = self._command(port)
@@ -179,16 +189,24 @@ class Broker:
         with open(self.root / "stdout.log", "ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=self.root, start_new_session=True)  # survives the CLI and its Ctrl-C
+        return proc, port
+
+    def wait_ready(self, proc, port: int, timeout: float, already: bool = False) -> None:
+        name = f"{self.name} (already running)" if already else self.name
+        if isinstance(proc, subprocess.Popen):
+            alive = lambda: proc.poll() is None  # noqa: E731 - also reaps our own child
+        else:
+            alive = proc.is_running
         log = self.log if self.log.exists() else self.root / "stdout.log"
         try:
-            took = wait_until(lambda: broker_answers(f"127.0.0.1:{port}", **self.client), timeout, self.name,
-                              lambda: proc.poll() is None, log)
+            took = wait_until(lambda: broker_answers(f"127.0.0.1:{port}", **self.client), timeout, name, alive, log)
         except BaseException:
-            proc.kill()  # never leave a half-started broker behind
-            proc.wait()
+            if not already:
+                proc.kill()  # never leave a half-started broker behind
+                proc.wait()
             raise
-        progress(f"  {self.name} ready in {took:.1f} s")
-        return proc.pid, port
+        if not already:
+            progress(f"  {self.name} ready in {took:.1f} s")
 
     def _stop_orphan(self) -> None:
         """A broker on our directory that state.json does not know about (the CLI died mid-`up`)."""
@@ -215,6 +233,8 @@ class Broker:
 class ApacheKafka(Broker):
     kind = "apache"
     name = "Apache Kafka"
+    heap = HEAP
+    properties = BROKER_PROPERTIES
 
     def __init__(self, root: Path, version: str, cache_dir: Path | None, repo: str, java: str,
                  sasl_users: dict[str, str] | None = None, tls: tuple[Path, Path] | None = None):
@@ -254,18 +274,24 @@ class ApacheKafka(Broker):
 
     def _command(self, port: int) -> list[str]:
         libs = ensure_jars(self._version, self.cache_dir, self.repo)
-        self._write_config(port, free_port())
+        self._write_config(port, self._controller_port())
         if not (self.data / "meta.properties").exists():
             self._format(libs)
-        return [self.java, *HEAP, *JVM_FLAGS, f"-Dlog4j2.configurationFile={self.root / 'log4j2.properties'}",
+        return [self.java, *self.heap, *JVM_FLAGS, f"-Dlog4j2.configurationFile={self.root / 'log4j2.properties'}",
                 "-cp", str(libs / "*"), "kafka.Kafka", str(self.config)]
+
+    def _controller_port(self) -> int:
+        return free_port()
+
+    def _voters(self, controller_port: int) -> str:
+        # Static voters (not --standalone) so the controller port may change between restarts.
+        return f"1@127.0.0.1:{controller_port}"
 
     def _write_config(self, port: int, controller_port: int) -> None:
         protocol = self.protocol
         props = {
-            **BROKER_PROPERTIES,
-            # Static voters (not --standalone) so the controller port may change between restarts.
-            "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
+            **self.properties,
+            "controller.quorum.voters": self._voters(controller_port),
             "listeners": f"{protocol}://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
             "advertised.listeners": f"{protocol}://127.0.0.1:{port}",
             "log.dirs": str(self.data),
@@ -303,7 +329,7 @@ class ApacheKafka(Broker):
 
     def _format(self, libs: Path) -> None:
         shutil.rmtree(self.data, ignore_errors=True)  # a format interrupted half-way is redone from scratch
-        cluster_id = kafka_cluster_id()
+        cluster_id = self._cluster_id()
         result = subprocess.run(
             [self.java, "-Xmx256m", f"-Dlog4j2.configurationFile={self.root / 'log4j2.properties'}",
              "-cp", str(libs / "*"), "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config)],
@@ -312,6 +338,9 @@ class ApacheKafka(Broker):
         if result.returncode != 0:
             shutil.rmtree(self.data, ignore_errors=True)
             raise StackError(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
+
+    def _cluster_id(self) -> str:
+        return kafka_cluster_id()
 
 
 def kafka_cluster_id() -> str:

@@ -74,7 +74,7 @@ class EmbeddedPostgres:
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
         self.password_file = self.root / "password"
-        self.config = {**DEFAULT_CONFIG, **(config or {})}
+        self.config = {k: v for k, v in {**DEFAULT_CONFIG, **(config or {})}.items() if v is not None}
         self.bin = binaries()
         self._user = ensure_service_user(service_user) if is_root() else None
 
@@ -113,6 +113,31 @@ class EmbeddedPostgres:
         if result.returncode != 0 and proc is not None:
             terminate(proc, timeout=10)
         return True
+
+    def stop_immediate(self) -> bool:
+        """Crash-stop (tests, `outbox dev promote`): no shutdown checkpoint, and unlike a SIGKILL of
+        the postmaster no orphaned backends linger on."""
+        status = self.status()
+        if not status.running:
+            return False
+        result = self._run([self.bin / "pg_ctl", "stop", "-D", self.data, "-m", "immediate", "-w", "-t", "30", "-s"])
+        proc = ours(status.pid, self.data)
+        if result.returncode != 0 and proc is not None:
+            proc.kill()
+            proc.wait(10)
+        return True
+
+    def reconfigure(self, config: dict[str, str]) -> None:
+        """Replace the role-specific settings and reload a running server (all of ours are reloadable)."""
+        self.config = {**self.config, **config}
+        self.config = {k: v for k, v in self.config.items() if v is not None}
+        port = self._configured_port()
+        if port is not None:
+            self._write_config(port)
+        if self.status().running:
+            result = self._run([self.bin / "pg_ctl", "reload", "-D", self.data, "-s"])
+            if result.returncode != 0:
+                raise StackError(f"reloading PostgreSQL's configuration failed: {result.stderr.strip()}")
 
     def kill(self) -> None:
         """Simulate a crash (tests): SIGKILL the postmaster, leaving a stale pid file behind."""
@@ -204,12 +229,12 @@ class EmbeddedPostgres:
             if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone():
                 conn.execute(f'CREATE DATABASE "{DATABASE}"')
 
-    def _run(self, argv: list) -> subprocess.CompletedProcess:
+    def _run(self, argv: list, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         kwargs: dict = {"capture_output": True, "text": True, "check": False, "cwd": self.root,
-                        "start_new_session": True}
+                        "start_new_session": True, "env": {**os.environ, **(env or {})}}
         if self._user is not None:
             kwargs.update(user=self._user.pw_uid, group=self._user.pw_gid, extra_groups=[])
-            kwargs["env"] = {**os.environ, "HOME": str(self.root), "USER": self._user.pw_name}
+            kwargs["env"].update(HOME=str(self.root), USER=self._user.pw_name)
         return subprocess.run([str(a) for a in argv], **kwargs)
 
     def _chown(self, path: Path) -> None:
