@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: test demo install bench clean
+.PHONY: test demo install bench chaos clean
 
 test: install  ## the full suite against real PostgreSQL 18 + Apache Kafka (what CI runs)
 	$(BIN)/pytest
@@ -15,6 +15,9 @@ demo: install  ## everything at once for a first look
 bench: install  ## benchmarks; results land in bench/results/
 	$(BIN)/python -m bench.relay_bench
 	$(BIN)/python -m bench.inbox_bench
+
+chaos: install  ## break everything under load and count (30 faults); result in bench/results/
+	$(BIN)/python -m bench.chaos --faults 30 --save
 
 install: $(VENV)/.installed
 
