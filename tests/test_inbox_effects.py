@@ -3,10 +3,7 @@ real PostgreSQL. The provider's charge log is the proof of how many times money 
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -17,8 +14,8 @@ import pytest
 from inbox import (DefiniteFailure, EffectInProgress, EffectLeaseLost, EffectMismatch, Effects, OutcomeUnknown,
                    Reconciled, RetryPolicy, process)
 
-from .conftest import REPO
 from .inbox_support import Rec, create_business_schema, deposit, headers_for
+from .workers import WorkerProcess
 
 REQUEST = {"amount": 2500, "currency": "EUR"}
 
@@ -159,11 +156,9 @@ def test_operator_approved_reattempt_calls_again_with_the_same_key(effects, clie
 
 def test_worker_killed_after_the_charge_leaves_an_unknown_outcome_reconciled_without_a_second_charge(
         db, client, provider):
-    env = {**os.environ, "OUTBOX_DATABASE_URL": db.secret()}
-    proc = subprocess.run([sys.executable, "-m", "tests.effect_worker", "--provider", provider.url,
-                           "--key", "charge:order-10", "--amount", "2500", "--lease-s", "1.5"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    with WorkerProcess("tests.effect_worker", "--provider", provider.url, "--key", "charge:order-10", "--amount",
+                       "2500", "--lease-s", "1.5", env={"OUTBOX_DATABASE_URL": db.secret()}) as worker:
+        assert worker.wait(60) == -signal.SIGKILL
     assert len(provider.charges()) == 1  # the money moved...
     with Effects(db, lease_s=5, owner="worker-b") as effects:
         row = effects.get("charge:order-10")
