@@ -12,11 +12,16 @@
   thread fetches and decodes batch N+1. At most one batch is in flight and batches run in order.
 - stop() (or SIGTERM via `run_consumer`) lets the batch in flight finish and commit, then leaves
   the group and returns.
+- Losing the database connection (a PostgreSQL restart, a failover, a network cut) does not stop
+  it: the partitions are paused (the group membership stays alive), the connection is retried
+  with backoff, and once it is back every assigned partition resumes from the offsets stored in
+  PostgreSQL, so a batch whose commit was lost is redelivered and one that committed is not.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import signal
 import threading
 import time
@@ -40,6 +45,12 @@ log = logging.getLogger("inbox")
 
 DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
 KAFKA_COMMIT_INTERVAL_S = 1.0
+RECONNECT_BACKOFF_S = (0.5, 10.0)  # first wait, cap; doubling while PostgreSQL stays unreachable
+_by_partition = operator.itemgetter(0)
+
+
+class DatabaseLost(Exception):
+    """The worker's PostgreSQL connection is gone; the Runner reconnects and resumes."""
 SAME_AS_CONSUMER = object()  # group_id default: the consumer name
 
 
@@ -99,6 +110,15 @@ class Runner:
         self._listener_error: BaseException | None = None
         self._last_replay_check = 0.0
         self._last_kafka_commit = 0.0
+        # Set while PostgreSQL is unreachable: partitions paused, nothing submitted to the worker.
+        self._db_lost_since: float | None = None
+        self._connected_once = False
+        self._next_reconnect = 0.0
+        self._reconnect_delay = RECONNECT_BACKOFF_S[0]
+        # First offset per partition of the batch in flight and of records dropped while the database
+        # was away: where a partition PostgreSQL has no position for resumes after reconnecting.
+        self._pending_first: dict[TopicPartition, int] = {}
+        self._resume_from: dict[TopicPartition, int] = {}
 
     @classmethod
     def from_settings(cls, settings, consumer: str, handler: Handler, **kwargs) -> "Runner":
@@ -115,8 +135,10 @@ class Runner:
     # ----- the loop
 
     def run(self) -> BatchResult:
-        """Consume until stop(); returns the totals. Raises what stopped it otherwise (e.g. the
-        database is unreachable); a restart resumes from the offsets stored in PostgreSQL."""
+        """Consume until stop(); returns the totals. A lost database connection is waited out
+        (reconnect with backoff, resume from the stored offsets); raises what stopped it otherwise
+        (e.g. a database it never reached, a failing rebalance listener); a restart resumes from
+        the offsets stored in PostgreSQL."""
         if self._worker is not None:
             raise InboxError("a Runner runs once; create a new one to run again")
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inbox-{self.consumer}")
@@ -130,17 +152,26 @@ class Runner:
             else:
                 kc.subscribe(topics=self.topics or (), pattern=self.pattern, listener=_Listener(self, kc))
             while not self._stopping.is_set():
+                if self._db_lost_since is not None:
+                    self._reconnect(kc)
                 polled = kc.poll(timeout_ms=self.poll_timeout_ms)
                 self._settle(kc)
-                records = [r for tp, batch in polled.items() if (tp.topic, tp.partition) not in self._rewound
-                           for r in batch]
+                # Partition order, not poll order: every instance locks rows in the same order (see
+                # process.lock_order); sorting the few partitions keeps each one's records in order.
+                batches = [(tp, batch) for tp, batch in sorted(polled.items(), key=_by_partition)
+                           if batch and (tp.topic, tp.partition) not in self._rewound]
                 self._rewound.clear()
+                if self._db_lost_since is not None:
+                    self._note_resume_points(batches)  # dropped: refetched once the database is back
+                    continue
+                records = [r for _, batch in batches for r in batch]
                 check_replays = time.monotonic() - self._last_replay_check >= self.replay_check_s
                 if records or check_replays:
                     # Planning (envelope parsing) runs here, not on the worker: the worker then holds
                     # the GIL only briefly, so this thread's many short hand-offs to kafka-python's IO
                     # thread are not kept waiting behind it.
                     plan = plan_batch(records) if records else None
+                    self._pending_first = {tp: batch[0].offset for tp, batch in batches}
                     self._pending = self._worker.submit(self._work, records, plan, check_replays)
             self._settle(kc)
             self._commit_to_kafka(kc, wait=True)
@@ -156,15 +187,16 @@ class Runner:
 
     def _work(self, records, plan, check_replays: bool) -> BatchResult | None:
         """Runs on the worker thread, which owns the PostgreSQL connection."""
-        conn = self._connection()
-        result = None
-        if records:
-            result = process(conn, self.consumer, records, self.handler, policy=self.policy,
-                             interrupt=self._interrupt, deadline=time.monotonic() + self.budget_s, plan=plan)
-        if check_replays and not self._interrupt.is_set():
-            self._last_replay_check = time.monotonic()
-            replay_requested(conn, self.consumer, self.handler)
-        return result
+        with self._losing_connection():
+            conn = self._connection()
+            result = None
+            if records:
+                result = process(conn, self.consumer, records, self.handler, policy=self.policy,
+                                 interrupt=self._interrupt, deadline=time.monotonic() + self.budget_s, plan=plan)
+            if check_replays and not self._interrupt.is_set():
+                self._last_replay_check = time.monotonic()
+                replay_requested(conn, self.consumer, self.handler)
+            return result
 
     def _settle(self, kc: KafkaConsumer) -> None:
         """Wait for the batch in flight; then rewind what it left and copy its offsets to Kafka."""
@@ -172,8 +204,74 @@ class Runner:
             raise self._listener_error
         pending, self._pending = self._pending, None
         if pending is not None:
-            self._absorb(kc, pending.result())
+            try:
+                result = pending.result()
+            except DatabaseLost as exc:
+                self._database_lost(kc, exc)
+                return
+            self._absorb(kc, result)
         self._commit_to_kafka(kc)
+
+    # ----- losing PostgreSQL and getting it back (main thread, or the listener inside poll)
+
+    def _database_lost(self, kc: KafkaConsumer, exc: BaseException) -> None:
+        # Whatever the batch in flight did is decided by PostgreSQL (its commit may or may not have
+        # happened): positions are re-read from there once it is back, never guessed here.
+        for tp, offset in self._pending_first.items():
+            self._resume_from[tp] = min(offset, self._resume_from.get(tp, offset))
+        self._pending_first = {}
+        if self._db_lost_since is None:
+            self._db_lost_since = time.monotonic()
+            self._reconnect_delay = RECONNECT_BACKOFF_S[0]
+            self._next_reconnect = time.monotonic() + self._reconnect_delay
+            log.warning("consumer %s lost its PostgreSQL connection (%s); pausing its partitions and "
+                        "reconnecting with backoff", self.consumer, redact(str(exc.__cause__ or exc)).strip())
+        assigned = kc.assignment()
+        if assigned:
+            kc.pause(*assigned)
+
+    def _note_resume_points(self, batches) -> None:
+        for tp, batch in batches:
+            offset = batch[0].offset
+            self._resume_from[tp] = min(offset, self._resume_from.get(tp, offset))
+
+    def _reconnect(self, kc: KafkaConsumer) -> None:
+        """One reconnection attempt when its time has come; on success, seek every assigned
+        partition to its stored offset (else to the first record dropped) and resume."""
+        now = time.monotonic()
+        if now < self._next_reconnect:
+            return
+        assigned = kc.assignment()
+        wanted = [(tp.topic, tp.partition) for tp in assigned]
+        try:
+            stored = self._worker.submit(self._load_positions, wanted).result()
+        except DatabaseLost as exc:
+            self._reconnect_delay = min(RECONNECT_BACKOFF_S[1], self._reconnect_delay * 2)
+            self._next_reconnect = time.monotonic() + self._reconnect_delay
+            log.warning("consumer %s: PostgreSQL still unreachable after %.0f s (%s); next attempt in %.1f s",
+                        self.consumer, now - self._db_lost_since, redact(str(exc.__cause__ or exc)).strip(),
+                        self._reconnect_delay)
+            return
+        for tp in assigned:
+            offset = stored.get((tp.topic, tp.partition), self._resume_from.get(tp))
+            if offset is not None:
+                # Not added to _rewound: that drops the next poll's records, which come from here on
+                # (kafka-python returns only records fetched at the current position).
+                kc.seek(tp, offset)
+        if assigned:
+            kc.resume(*assigned)
+        log.info("consumer %s reconnected to PostgreSQL after %.1f s; resuming %s from %s", self.consumer,
+                 now - self._db_lost_since, sorted(wanted),
+                 {f"{t}[{p}]": o for (t, p), o in sorted(stored.items())} or "Kafka's positions (none stored)")
+        self._db_lost_since = None
+        self._resume_from.clear()
+
+    def _load_positions(self, wanted) -> dict[tuple[str, int], int]:
+        with self._losing_connection():
+            return store.load_positions(self._connection(), self.consumer, wanted)
+
+    def _losing_connection(self):
+        return _LosingConnection(self)
 
     def _absorb(self, kc: KafkaConsumer, result: BatchResult | None, revoked=frozenset()) -> None:
         if result is None:
@@ -224,6 +322,8 @@ class Runner:
         self._interrupt.set()  # a record in its backoff stops now; the new owner resumes from PostgreSQL
         try:
             self._absorb(kc, pending.result(), frozenset(revoked))
+        except DatabaseLost as exc:
+            self._database_lost(kc, exc)
         except BaseException as exc:  # noqa: BLE001 - re-raised by run() on the main thread
             self._listener_error = exc
         finally:
@@ -231,10 +331,16 @@ class Runner:
                 self._interrupt.clear()
 
     def _position(self, kc: KafkaConsumer, assigned) -> None:
+        wanted = [(tp.topic, tp.partition) for tp in assigned]
+        if self._db_lost_since is not None:
+            kc.pause(*assigned)  # positioned by _reconnect once PostgreSQL is back
+            return
         try:
-            wanted = [(tp.topic, tp.partition) for tp in assigned]
-            stored = self._worker.submit(lambda: store.load_positions(self._connection(), self.consumer,
-                                                                      wanted)).result()
+            stored = self._worker.submit(self._load_positions, wanted).result()
+        except DatabaseLost as exc:
+            self._database_lost(kc, exc)
+            kc.pause(*assigned)
+            return
         except BaseException as exc:  # noqa: BLE001
             # Reading from Kafka's committed offset instead could skip records PostgreSQL never saw
             # (e.g. after restoring the database from a backup): stop instead.
@@ -252,12 +358,38 @@ class Runner:
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self.dsn.secret(), autocommit=True, connect_timeout=15,
                                          application_name=f"inbox:{self.consumer}"[:63])
+            self._connected_once = True
         return self._conn
 
     def _close_connection(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+class _LosingConnection:
+    """On the worker thread: a connection error that left the connection unusable (or a failed
+    connect) becomes DatabaseLost, with the connection dropped so the next use reconnects. Errors
+    on a healthy connection (a statement timeout, a lock timeout) propagate as they are."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or not isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+            return False
+        conn = self.runner._conn
+        if conn is not None and not conn.closed:
+            return False
+        if conn is None and not self.runner._connected_once:
+            return False  # never reached it at all: a wrong DSN or password is reported, not retried
+        if conn is not None:
+            conn.close()
+        self.runner._conn = None
+        raise DatabaseLost(str(exc)) from exc
 
 
 class _Listener(ConsumerRebalanceListener):

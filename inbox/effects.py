@@ -40,7 +40,7 @@ from psycopg.types.json import Jsonb
 
 from inbox import codec
 from inbox.effect_rules import Decision, Existing, decide, fingerprint
-from inbox.errors import DefiniteFailure, EffectInProgress, EffectMismatch, OutcomeUnknown
+from inbox.errors import DefiniteFailure, EffectInProgress, EffectLeaseLost, EffectMismatch, OutcomeUnknown
 from inbox.message import Message
 from relay.redact import Dsn
 
@@ -235,7 +235,7 @@ class Effects:
         try:
             response = call(key)
         except DefiniteFailure as exc:
-            return self._record(key, "failed", exc.response, "call")
+            return self._record(key, "failed", exc.response, "call", token)
         except BaseException as exc:
             error = codec.describe_error(exc)
             self._mark_unknown(key, token, error)
@@ -247,29 +247,38 @@ class Effects:
             log.warning("effect %s: the call took %.1f s, longer than the %.1f s lease; another worker may have "
                         "treated its outcome as unknown meanwhile. Fix: give the call a timeout below the lease "
                         "(OUTBOX_EFFECT_LEASE_S)", key, elapsed, self.lease_s)
-        return self._record(key, "succeeded", response, "call")
+        return self._record(key, "succeeded", response, "call", token)
 
-    def _record(self, key, status, response, via) -> EffectResult:
-        """Store a definite outcome unless one is stored already (then that one wins and is returned)."""
+    def _record(self, key, status, response, via, token: uuid.UUID | None = None) -> EffectResult | str:
+        """Store a definite outcome. With `token` (the outcome of our own call) only while we still
+        hold that lease: an attempt whose lease expired and was taken over must not settle the key
+        under the new holder's feet, whose call may be in flight or may end differently. The fence
+        is the token, not the clock: a late result is still accepted if nobody took the key over.
+        Without a token (reconcile) only while the key is still unknown; 'retry' otherwise."""
         detail = f"{via}: {status}"
+        fence = "status = 'in_progress' AND lease_token = %(token)s" if token else "status = 'unknown'"
+        params = {"key": key, "status": status, "response": Jsonb(response, dumps=_json_dumps), "via": via,
+                  "owner": self.owner, "what": status, "detail": detail, "token": token}
         with self._lock:
             conn = self._connection()
             row = conn.execute(
                 f"UPDATE outbox.effects SET status = %(status)s, response = %(response)s, resolved_via = %(via)s, "
                 f"completed_at = now(), updated_at = now(), lease_owner = NULL, lease_token = NULL, "
                 f"lease_expires_at = NULL, {_EVIDENCE} "
-                f"WHERE key = %(key)s AND status IN ('in_progress', 'unknown') RETURNING attempts",
-                {"key": key, "status": status, "response": Jsonb(response, dumps=_json_dumps), "via": via,
-                 "owner": self.owner, "what": status, "detail": detail}).fetchone()
+                f"WHERE key = %(key)s AND {fence} RETURNING attempts", params).fetchone()
             if row is not None:
                 return EffectResult(key, status, response, False, via, row[0])
-            stored = conn.execute("SELECT status, response, resolved_via, attempts FROM outbox.effects "
-                                  "WHERE key = %s", (key,)).fetchone()
-        if stored is None:
-            raise OutcomeUnknown(key, f"the key disappeared from the ledger before its {status} result was stored")
-        log.warning("effect %s: outcome was already settled (%s via %s) when this attempt finished (%s)",
-                    key, stored[0], stored[2], status)
-        return EffectResult(key, stored[0], stored[1], True, stored[2], stored[3])
+            if token is None:
+                return "retry"  # taken over or settled meanwhile: run() looks again
+            # Not recorded, but an operator deciding the key wants to know what this attempt got.
+            late = f"late {detail} of an attempt whose lease was taken over; not recorded: {_json_dumps(response)}"
+            stored = conn.execute(
+                f"UPDATE outbox.effects SET updated_at = now(), {_EVIDENCE} WHERE key = %(key)s "
+                f"RETURNING status, lease_owner", {**params, "what": "lease_lost", "detail": late[:2000]}).fetchone()
+        holder_status, holder = stored if stored else (None, None)
+        log.warning("effect %s: this attempt (%s) lost its lease before recording its %s result; the key is now "
+                    "%s, held by %s", key, self.owner, status, holder_status or "gone", holder or "nobody")
+        raise EffectLeaseLost(key, self.owner, holder, holder_status)
 
     def _mark_unknown(self, key, token, error: str) -> None:
         with self._lock:

@@ -25,6 +25,22 @@ class EffectInProgress(EffectError):
         self.expires_at = expires_at
 
 
+class EffectLeaseLost(EffectError):
+    """This attempt's lease expired and another attempt took the key over before this one could record
+    its result, so the result was not recorded: only the current lease holder settles a key. Retry:
+    the retry returns whatever the holder records (or waits on its lease). The late result is kept
+    in the key's evidence for an operator."""
+
+    def __init__(self, key: str, owner: str, holder: str | None, status: str | None):
+        super().__init__(key, f"effect {key!r}: the lease of {owner} expired and the key changed hands "
+                              f"(now {status or 'gone'}, held by {holder or 'nobody'}) before this attempt "
+                              f"recorded its result; not recorded. Retry to get the stored outcome. Fix: give "
+                              f"the call a timeout below the lease (OUTBOX_EFFECT_LEASE_S)")
+        self.owner = owner
+        self.holder = holder
+        self.status = status
+
+
 class EffectMismatch(EffectError):
     """The key was used before with a different request (HTTP 422 in the IETF draft). A bug in the caller:
     an idempotency key must identify one request, so derive it from what the request is about."""

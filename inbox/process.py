@@ -10,11 +10,20 @@ When the handler raises, the batch is rolled back, the records before the failin
 committed in a batch of their own, and the failing record is retried alone with exponential
 backoff; after `max_attempts` it is dead-lettered and its partition moves on. Per-partition order
 is preserved throughout.
+
+Records are handled in (topic, partition) order, each partition in the order given: two instances
+holding the same partitions for a moment (a rebalance) then take their row locks in the same order
+instead of deadlocking. A deadlock or serialization failure that happens anyway (e.g. the same
+event redelivered at other offsets, or the handler's own rows) is not the handler's fault: the
+transaction is rolled back and run again after a short pause, a bounded number of times, without
+counting as a failed attempt; if it keeps failing, the rest is left unprocessed for a later poll.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,6 +42,22 @@ from inbox.retry import DEFAULT_POLICY, RetryPolicy
 log = logging.getLogger("inbox")
 
 Handler = Callable[[psycopg.Connection, Message], None]
+
+# serialization_failure, deadlock_detected: PostgreSQL aborted the transaction to resolve a conflict
+# with another one; the same transaction run again normally succeeds.
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
+TRANSIENT_RETRIES = 8
+TRANSIENT_BACKOFF_S = (0.05, 1.0)  # first pause, cap; doubling, jittered so two victims do not collide again
+
+_partition_of = operator.attrgetter("topic", "partition")
+
+
+def is_transient(exc: BaseException) -> bool:
+    return getattr(exc, "sqlstate", None) in TRANSIENT_SQLSTATES
+
+
+class _GaveUp(Exception):
+    """Transient conflicts outlasted their retries, or an interrupt came during their pause."""
 
 
 @dataclass
@@ -63,9 +88,12 @@ def process(conn: psycopg.Connection, consumer: str, records: Iterable[Record] |
     interrupt set it (e.g. on SIGTERM) to stop after the current record once retries are involved
     deadline  time.monotonic() by which to stop retrying; records not reached are left unprocessed
     plan      plan_batch(records), when the caller computed it already (the Runner does so on its
-              polling thread, see consumer.py)
+              polling thread, see consumer.py); records must then already be in (topic, partition)
+              order (see lock_order)
     """
-    if isinstance(records, Mapping):
+    if plan is None:
+        records = lock_order(records)
+    elif isinstance(records, Mapping):
         records = [r for batch in records.values() for r in batch]
     elif not isinstance(records, list):
         records = list(records)
@@ -74,6 +102,17 @@ def process(conn: psycopg.Connection, consumer: str, records: Iterable[Record] |
         raise InboxError("process() runs its own transactions, but the connection has one open. "
                          "Fix: commit or roll back first, or use a connection with autocommit=True.")
     return _Batch(conn, consumer, handler, policy, interrupt or threading.Event(), deadline).run(records, plan)
+
+
+def lock_order(records: Iterable[Record] | Mapping[object, list[Record]]) -> list[Record]:
+    """The records in (topic, partition) order, each partition's records in the order given.
+
+    Every instance then inserts inbox rows, upserts offsets and runs handlers in the same order, so
+    two of them working on the same partitions wait for each other instead of deadlocking. A stable
+    sort by partition only: within a partition, poll order is offset order and must be kept."""
+    if isinstance(records, Mapping):
+        records = (r for batch in records.values() for r in batch)
+    return sorted(records, key=_partition_of)
 
 
 def check_consumer_name(consumer: str) -> None:
@@ -99,15 +138,19 @@ class _Batch:
             if self.retrying and self.interrupt.is_set() and (pos in failing or not failing):
                 self._leave(records[pos:])
                 break
-            if pos in failing:
-                if not self._retry_alone(records[pos], *failing.pop(pos)):
-                    self._leave(records[pos:])
-                    break
-                pos += 1
-                continue
-            end = min((i for i in failing if i > pos), default=n)
-            whole = pos == 0 and end == n
-            failure = self._attempt(records if whole else records[pos:end], plan=plan if whole else None)
+            try:
+                if pos in failing:
+                    if not self._retry_alone(records[pos], *failing.pop(pos)):
+                        self._leave(records[pos:])
+                        break
+                    pos += 1
+                    continue
+                end = min((i for i in failing if i > pos), default=n)
+                whole = pos == 0 and end == n
+                failure = self._attempt(records if whole else records[pos:end], plan=plan if whole else None)
+            except _GaveUp:
+                self._leave(records[pos:])
+                break
             if failure is None:
                 pos = end
             else:
@@ -119,10 +162,37 @@ class _Batch:
 
     # ----- one transaction
 
+    def _transient_retries(self, what: str, transaction: Callable[[], object]):
+        """Run `transaction` again while PostgreSQL aborts it to resolve a deadlock or serialization
+        conflict. Raises _GaveUp when that outlasts TRANSIENT_RETRIES or an interrupt comes."""
+        for retry in range(1, TRANSIENT_RETRIES + 2):
+            try:
+                return transaction()
+            except psycopg.Error as exc:
+                if not is_transient(exc) or self.conn.broken:
+                    raise
+                if retry > TRANSIENT_RETRIES:
+                    log.error("consumer %s: %s aborted by PostgreSQL %d times in a row (%s); leaving it for "
+                              "the next poll", self.consumer, what, retry, codec.describe_error(exc))
+                    raise _GaveUp() from exc
+                first, cap = TRANSIENT_BACKOFF_S
+                delay = min(cap, first * 2 ** (retry - 1)) * (0.5 + random.random() / 2)
+                log.warning("consumer %s: %s rolled back by PostgreSQL (%s); running it again in %.2f s "
+                            "(retry %d/%d)", self.consumer, what, codec.describe_error(exc), delay, retry,
+                            TRANSIENT_RETRIES)
+                if self.interrupt.wait(delay):
+                    raise _GaveUp() from exc
+        raise AssertionError("unreachable")
+
     def _attempt(self, chunk: Sequence[Record], attempt: int = 1, plan: Plan | None = None) -> _Failure | None:
         """Run `chunk` in one transaction; on handler failure roll back and say which record failed."""
-        conn, consumer = self.conn, self.consumer
         plan = plan or plan_batch(chunk)
+        first = chunk[0]
+        what = (f"the transaction of {len(chunk)} record(s) from {first.topic}[{first.partition}]@{first.offset}")
+        return self._transient_retries(what, lambda: self._attempt_once(chunk, attempt, plan))
+
+    def _attempt_once(self, chunk: Sequence[Record], attempt: int, plan: Plan) -> _Failure | None:
+        conn, consumer = self.conn, self.consumer
         failure = None
         with conn.transaction():
             new = store.record_batch(conn, consumer, chunk, plan)
@@ -137,8 +207,8 @@ class _Batch:
                 try:
                     handler(conn, Message(chunk[i], event_ids[i], consumer, attempt))
                 except Exception as exc:  # noqa: BLE001 - any handler error is retried, then dead-lettered
-                    if conn.broken:
-                        raise
+                    if conn.broken or is_transient(exc):
+                        raise  # lost connection: the caller's business; a conflict: _transient_retries
                     failure = _Failure(i, exc)
                     raise psycopg.Rollback() from None
         if failure is not None:
@@ -162,8 +232,13 @@ class _Batch:
         return True
 
     def _dead_letter(self, record: Record, attempts: int, error: Exception, first_failed: datetime) -> None:
-        conn, consumer = self.conn, self.consumer
         plan = plan_batch([record])
+        what = f"dead-lettering {record.topic}[{record.partition}]@{record.offset}"
+        self._transient_retries(what, lambda: self._dead_letter_once(record, attempts, error, first_failed, plan))
+
+    def _dead_letter_once(self, record: Record, attempts: int, error: Exception, first_failed: datetime,
+                          plan: Plan) -> None:
+        conn, consumer = self.conn, self.consumer
         event_id = plan.event_ids[0]
         with conn.transaction():
             claimed = store.claim_for_dead_letter(conn, consumer, record, event_id)

@@ -134,10 +134,11 @@ def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     if not args.ids and not args.all:
         print("outbox dead-letters replay: give dead-letter ids, or --all", file=sys.stderr)
         return EXIT_USAGE
-    replayed, failed = dead_letters.replay(settings, None if args.all else args.ids,
-                                           log=lambda line: print(line, file=sys.stderr))
-    print(f"replayed {replayed}, failed {failed}", file=sys.stderr)
-    return EXIT_OK if failed == 0 else EXIT_FAILED
+    report = dead_letters.replay(settings, None if args.all else args.ids,
+                                 log=lambda line: print(line, file=sys.stderr))
+    skipped = f", skipped {report.skipped} (being replayed concurrently)" if report.skipped else ""
+    print(f"replayed {report.replayed}, failed {report.failed}{skipped}", file=sys.stderr)
+    return EXIT_OK if report.failed == 0 else EXIT_FAILED
 
 
 def _prune(args: argparse.Namespace, settings: Settings) -> int:
@@ -221,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     dlq = sub.add_parser("dead-letters", help="list or replay events the relay could not publish",
                          description="Events the relay could not publish (too large, illegal topic name, not "
                          "authorised) are kept in outbox.relay_dead_letters with the reason and the fix. After "
-                         "fixing the cause, replay republishes them with their original event_id.")
+                         "fixing the cause, replay republishes them with their original event_id. Each dead letter "
+                         "is claimed while it is published, so concurrent replays publish it once (the other "
+                         "one reports it skipped).")
     dlq.add_argument("action", choices=["list", "replay"])
     dlq.add_argument("ids", nargs="*", type=int, help="dead-letter ids to replay")
     dlq.add_argument("--all", action="store_true", help="list: include replayed ones; replay: every open one")

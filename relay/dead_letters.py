@@ -60,43 +60,79 @@ def list_dead_letters(dsn: Dsn, include_replayed: bool = False, limit: int = 100
     return [DeadLetterRow(*r) for r in rows]
 
 
-def replay(settings: Settings, ids: list[int] | None, log=print) -> tuple[int, int]:
-    """Republish the given dead letters (all open ones if ids is None). Returns (replayed, failed)."""
+@dataclass
+class ReplayReport:
+    replayed: int = 0
+    failed: int = 0
+    skipped: int = 0  # claimed by a concurrent replay at the time; its outcome is that replay's
+
+
+def replay(settings: Settings, ids: list[int] | None, log=print) -> ReplayReport:
+    """Republish the given dead letters (all open ones if ids is None).
+
+    Each dead letter is claimed in a transaction of its own (FOR UPDATE SKIP LOCKED) that is held
+    across the publish and the mark: two operators replaying the same dead letter publish it once,
+    the second one skips it and says so. A replay that dies between the publish and the commit of
+    the mark leaves the row open and replayable (the event may then reach Kafka twice, which
+    consumers deduplicate on event_id), never marked without having been published."""
     dsn = settings.require_database_url()
     router = Router(settings.topic_template)
     producer = KafkaProducer(**producer_config(settings))
-    replayed = failed = 0
+    report = ReplayReport()
     try:
         with psycopg.connect(dsn.secret(), autocommit=True) as conn:
-            query = f"SELECT {COLUMNS} FROM outbox.relay_dead_letters WHERE replayed_at IS NULL"
-            params: tuple = ()
-            if ids is not None:
-                query += " AND id = ANY(%s)"
-                params = (ids,)
-            rows = [DeadLetterRow(*r) for r in conn.execute(query + " ORDER BY id", params).fetchall()]
-            missing = sorted(set(ids or []) - {r.id for r in rows})
-            if missing:
-                log(f"not found or already replayed: {missing}")
-            for row in rows:
-                values = (row.event_id, row.aggregate_type, row.aggregate_id, row.event_type, row.payload,
-                          row.headers or "{}", row.created_at, row.txid)
-                encoded = tuple(None if v is None else v.encode() for v in values)
-                txn = Txn.of(str_to_lsn(row.commit_lsn or "0/0"), pg_micros(row.created_at))
-                try:
-                    record = router.route(TABLE_LAYOUT, encoded, txn)
-                    record.headers.append(("outbox_replayed_from", f"dead-letter:{row.id}".encode()))
-                    metadata = producer.send(record.topic, value=record.value, key=record.key,
-                                             headers=record.headers).get(timeout=60)
-                except (RouteError, kerr.KafkaError) as exc:
-                    failed += 1
-                    why = classify(exc).message if isinstance(exc, kerr.KafkaError) else str(exc)
-                    log(f"dead letter {row.id} (event {row.event_id}) still cannot be published: {why}")
-                    continue
-                conn.execute("UPDATE outbox.relay_dead_letters SET replayed_at = now(), replay_note = %s "
-                             "WHERE id = %s", (f"{metadata.topic}/{metadata.partition}@{metadata.offset}", row.id))
-                replayed += 1
-                log(f"replayed dead letter {row.id} (event {row.event_id}) to "
-                    f"{metadata.topic}/{metadata.partition}@{metadata.offset}")
+            if ids is None:
+                wanted = [r[0] for r in conn.execute("SELECT id FROM outbox.relay_dead_letters "
+                                                     "WHERE replayed_at IS NULL ORDER BY id").fetchall()]
+            else:
+                wanted = sorted(set(ids))
+            missing, already = [], []
+            for dead_letter_id in wanted:
+                with conn.transaction():
+                    found = conn.execute(f"SELECT {COLUMNS} FROM outbox.relay_dead_letters WHERE id = %s "
+                                         f"AND replayed_at IS NULL FOR UPDATE SKIP LOCKED",
+                                         (dead_letter_id,)).fetchone()
+                    if found is None:
+                        state = conn.execute("SELECT replayed_at IS NOT NULL FROM outbox.relay_dead_letters "
+                                             "WHERE id = %s", (dead_letter_id,)).fetchone()
+                        if state is None:
+                            missing.append(dead_letter_id)
+                        elif state[0]:
+                            already.append(dead_letter_id)
+                        else:
+                            report.skipped += 1
+                            log(f"dead letter {dead_letter_id} is being replayed by another replay right now: "
+                                f"skipped (see `outbox dead-letters list --all` for its outcome)")
+                        continue
+                    row = DeadLetterRow(*found)
+                    note = _publish(router, producer, row, log)
+                    if note is None:
+                        report.failed += 1
+                        continue
+                    conn.execute("UPDATE outbox.relay_dead_letters SET replayed_at = now(), replay_note = %s "
+                                 "WHERE id = %s", (note, row.id))
+                report.replayed += 1
+                log(f"replayed dead letter {row.id} (event {row.event_id}) to {note}")
+            if missing or already:
+                log(f"not found or already replayed: {sorted(missing + already)}")
     finally:
         producer.close(timeout=10)
-    return replayed, failed
+    return report
+
+
+def _publish(router: Router, producer: KafkaProducer, row: DeadLetterRow, log) -> str | None:
+    """Send the stored copy and wait for Kafka's ack; topic/partition@offset, or None (logged)."""
+    values = (row.event_id, row.aggregate_type, row.aggregate_id, row.event_type, row.payload,
+              row.headers or "{}", row.created_at, row.txid)
+    encoded = tuple(None if v is None else v.encode() for v in values)
+    txn = Txn.of(str_to_lsn(row.commit_lsn or "0/0"), pg_micros(row.created_at))
+    try:
+        record = router.route(TABLE_LAYOUT, encoded, txn)
+        record.headers.append(("outbox_replayed_from", f"dead-letter:{row.id}".encode()))
+        metadata = producer.send(record.topic, value=record.value, key=record.key,
+                                 headers=record.headers).get(timeout=60)
+    except (RouteError, kerr.KafkaError) as exc:
+        why = classify(exc).message if isinstance(exc, kerr.KafkaError) else str(exc)
+        log(f"dead letter {row.id} (event {row.event_id}) still cannot be published: {why}")
+        return None
+    return f"{metadata.topic}/{metadata.partition}@{metadata.offset}"

@@ -8,10 +8,7 @@ of a relay that is gone, and two effects in progress."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import uuid
 from dataclasses import dataclass, field
 
@@ -22,10 +19,11 @@ from inbox import Effects, RetryPolicy, Runner
 from inbox.fake_provider import FakeProvider, ProviderClient
 from relay.redact import Dsn
 
-from .conftest import REPO, TEMPLATE_DB, drop_database
+from .conftest import TEMPLATE_DB, drop_database
 from .helpers import read_topic
 from .inbox_support import Background, caught_up, create_business_schema, end_offsets
 from .relay_support import RelayThread, emit, query, relay_settings, wait_for, wait_streaming
+from .workers import WorkerProcess
 
 FAST = RetryPolicy(max_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.02, jitter=0)
 HOSTILE_AGGREGATE = "O'Brien\"; DROP TABLE outbox.events; -- %_ ünï ✓ 注文"
@@ -159,11 +157,9 @@ def _consume(s: Scenario, client: ProviderClient) -> None:
 
 
 def _killed_worker(s: Scenario, provider_url: str) -> None:
-    env = {**os.environ, "OUTBOX_DATABASE_URL": s.db.secret()}
-    proc = subprocess.run([sys.executable, "-m", "tests.effect_worker", "--provider", provider_url, "--key",
-                           KILLED_KEY, "--amount", "700", "--lease-s", "1"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    with WorkerProcess("tests.effect_worker", "--provider", provider_url, "--key", KILLED_KEY, "--amount", "700",
+                       "--lease-s", "1", env={"OUTBOX_DATABASE_URL": s.db.secret()}) as worker:
+        assert worker.wait(60) == -signal.SIGKILL
     wait_for(lambda: query(s.db, "SELECT effective_status FROM outbox.effects_unresolved WHERE key = %s",
                            (KILLED_KEY,)) == [("unknown",)], 10, "the killed worker's lease to expire")
 

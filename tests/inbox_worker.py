@@ -31,7 +31,8 @@ def main() -> int:
     parser.add_argument("--poll-records", type=int, default=100)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("kafka").setLevel(logging.ERROR)
+    # Warnings too: a worker that never gets records says why (coordinator, fencing, metadata).
+    logging.getLogger("kafka").setLevel(logging.WARNING)
     settings = load_settings()
     handled = 0
 

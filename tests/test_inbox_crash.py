@@ -9,9 +9,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -19,35 +16,24 @@ from collections import Counter
 import psycopg
 import pytest
 
-from .conftest import REPO
 from .inbox_support import (create_business_schema, create_topic, deposit, end_offsets, headers_for, produce,
                             stored_offsets, wait_until)
+from .workers import WorkerProcess
 
 EVENTS = 1500
 REDELIVERIES = 150
 
 
-class Worker:
-    """A tests.inbox_worker process whose log is collected, so a failure shows what it said."""
+def worker(db, kafka, topic, *extra) -> WorkerProcess:
+    env = {"OUTBOX_DATABASE_URL": db.secret(), "OUTBOX_KAFKA_BOOTSTRAP": kafka}
+    return WorkerProcess("tests.inbox_worker", "--topic", topic, "--consumer", "bank", "--handler-sleep-ms", "1",
+                         *extra, env=env, name=f"inbox worker {' '.join(extra)}".strip())
 
-    def __init__(self, db, kafka, topic, *extra):
-        env = {**os.environ, "OUTBOX_DATABASE_URL": db.secret(), "OUTBOX_KAFKA_BOOTSTRAP": kafka}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.inbox_worker", "--topic", topic, "--consumer", "bank",
-             "--handler-sleep-ms", "1", *extra], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
-        self._reader.start()
 
-    def wait_ready(self):
-        """Until the runner started (its SIGTERM handler is installed from then on)."""
-        wait_until(lambda: any("starting" in line for line in self.lines) or self.proc.poll() is not None,
-                   60, "the worker to start")
-
-    def log(self) -> str:
-        self._reader.join(5)
-        return "".join(self.lines)[-4000:]
+def wait_ready(w: WorkerProcess) -> None:
+    """Until the runner started (its SIGTERM handler is installed from then on)."""
+    wait_until(lambda: any("starting" in line for line in w.lines) or w.proc.poll() is not None,
+               60, "the worker to start")
 
 
 def progress(db) -> int:
@@ -89,37 +75,36 @@ def test_kill_9_at_random_points_never_applies_an_event_twice_or_skips_one(db, k
             break
         before = progress(db)
         if round_no % 2 == 0:  # die between a handler's writes and the commit
-            worker = Worker(db, kafka, topic, "--kill-after", str(rng.randint(1, 250)))
-            worker.proc.wait(60)
+            with worker(db, kafka, topic, "--kill-after", str(rng.randint(1, 250))) as w:
+                assert w.wait(60) == -signal.SIGKILL
         else:  # die wherever the process happens to be (polling, committing, copying offsets...)
-            worker = Worker(db, kafka, topic)
-            wait_until(lambda before=before: progress(db) > before, 60, "the worker to make progress")
-            time.sleep(rng.uniform(0, 0.5))
-            worker.proc.send_signal(signal.SIGKILL)
-            worker.proc.wait(30)
-        assert worker.proc.returncode == -signal.SIGKILL, worker.log()
+            with worker(db, kafka, topic) as w:
+                w.wait_for(lambda before=before: progress(db) > before, 60, "the worker to make progress")
+                time.sleep(rng.uniform(0, 0.5))
+                w.signal(signal.SIGKILL)
+                assert w.wait(30) == -signal.SIGKILL
         kills += 1
         assert_consistent(db)
         print(f"round {round_no}: killed at {progress(db)} of {EVENTS} applied")
 
     # Graceful stop mid-load: the batch in flight commits, the process exits 0.
-    worker = Worker(db, kafka, topic)
-    worker.wait_ready()
-    if progress(db) < EVENTS:
-        before = progress(db)
-        wait_until(lambda: progress(db) > before, 60, "the worker to make progress")
-    worker.proc.send_signal(signal.SIGTERM)
-    assert worker.proc.wait(30) == 0, worker.log()
-    assert "stopped:" in worker.log()
+    with worker(db, kafka, topic) as w:
+        wait_ready(w)
+        if progress(db) < EVENTS:
+            before = progress(db)
+            w.wait_for(lambda: progress(db) > before, 60, "the worker to make progress")
+        w.signal(signal.SIGTERM)
+        assert w.wait(30) == 0
+        assert "stopped:" in w.log()
     assert_consistent(db)
 
-    worker = Worker(db, kafka, topic)
-    worker.wait_ready()
-    try:
-        wait_until(lambda: stored_offsets(db, "bank", topic) == ends, 90, "the last worker to catch up")
-    finally:
-        worker.proc.send_signal(signal.SIGTERM)
-        assert worker.proc.wait(30) == 0, worker.log()
+    with worker(db, kafka, topic) as w:
+        wait_ready(w)
+        try:
+            w.wait_for(lambda: stored_offsets(db, "bank", topic) == ends, 90, "the last worker to catch up")
+        finally:
+            w.signal(signal.SIGTERM)
+        assert w.wait(30) == 0
     assert kills >= 3
 
     with psycopg.connect(db.secret()) as conn:

@@ -3,10 +3,7 @@ real PostgreSQL. The provider's charge log is the proof of how many times money 
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -14,11 +11,11 @@ import uuid
 import psycopg
 import pytest
 
-from inbox import (DefiniteFailure, EffectInProgress, EffectMismatch, Effects, OutcomeUnknown, Reconciled,
-                   RetryPolicy, process)
+from inbox import (DefiniteFailure, EffectInProgress, EffectLeaseLost, EffectMismatch, Effects, OutcomeUnknown,
+                   Reconciled, RetryPolicy, process)
 
-from .conftest import REPO
 from .inbox_support import Rec, create_business_schema, deposit, headers_for
+from .workers import WorkerProcess
 
 REQUEST = {"amount": 2500, "currency": "EUR"}
 
@@ -159,11 +156,9 @@ def test_operator_approved_reattempt_calls_again_with_the_same_key(effects, clie
 
 def test_worker_killed_after_the_charge_leaves_an_unknown_outcome_reconciled_without_a_second_charge(
         db, client, provider):
-    env = {**os.environ, "OUTBOX_DATABASE_URL": db.secret()}
-    proc = subprocess.run([sys.executable, "-m", "tests.effect_worker", "--provider", provider.url,
-                           "--key", "charge:order-10", "--amount", "2500", "--lease-s", "1.5"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    with WorkerProcess("tests.effect_worker", "--provider", provider.url, "--key", "charge:order-10", "--amount",
+                       "2500", "--lease-s", "1.5", env={"OUTBOX_DATABASE_URL": db.secret()}) as worker:
+        assert worker.wait(60) == -signal.SIGKILL
     assert len(provider.charges()) == 1  # the money moved...
     with Effects(db, lease_s=5, owner="worker-b") as effects:
         row = effects.get("charge:order-10")
@@ -181,6 +176,59 @@ def test_worker_killed_after_the_charge_leaves_an_unknown_outcome_reconciled_wit
         evidence = [e["what"] for e in effects.get("charge:order-10")["evidence"]]
     assert evidence == ["lease", "expired", "succeeded"]
     assert len(provider.charges()) == 1 and posts(provider, "charge:order-10") == ["ok"]
+
+
+def test_attempt_whose_lease_was_taken_over_does_not_settle_the_key_and_raises_lease_lost(db, client, provider):
+    """Worker A's call outlives its 1 s lease; worker B takes the key over (same key, idempotent
+    provider) and is still calling when A's call returns. A must not settle the key under B's lease."""
+    key = "charge:order-stale"
+    a_expired, b_calling, a_finished = threading.Event(), threading.Event(), threading.Event()
+    outcome_a = []
+
+    def call_a(k):
+        time.sleep(1.3)  # past A's lease
+        a_expired.set()
+        assert b_calling.wait(15), "worker B never took the key over"
+        return client.charge(k, 2500, "EUR")
+
+    def call_b(k):
+        b_calling.set()
+        assert a_finished.wait(15), "worker A never finished"
+        return client.charge(k, 2500, "EUR")
+
+    with Effects(db, lease_s=1, owner="worker-a") as a, Effects(db, lease_s=30, owner="worker-b") as b:
+        def run_a():
+            try:
+                outcome_a.append(a.run(key, REQUEST, call_a))
+            except Exception as exc:  # noqa: BLE001 - inspected below
+                outcome_a.append(exc)
+            finally:
+                a_finished.set()
+
+        thread_a = threading.Thread(target=run_a)
+        thread_a.start()
+        assert a_expired.wait(15)
+        result_b = []
+        thread_b = threading.Thread(target=lambda: result_b.append(b.run(key, REQUEST, call_b, idempotent=True)))
+        thread_b.start()
+        thread_a.join(20)
+        # A finished while B holds the lease: nothing recorded, B's lease intact, a retryable error.
+        assert len(outcome_a) == 1 and isinstance(outcome_a[0], EffectLeaseLost), outcome_a
+        assert (outcome_a[0].owner, outcome_a[0].holder, outcome_a[0].status) == ("worker-a", "worker-b", "in_progress")
+        row = b.get(key)
+        assert (row["status"], row["lease_owner"], row["response"], row["attempts"]) == (
+            "in_progress", "worker-b", None, 2)
+        thread_b.join(20)
+        assert len(result_b) == 1 and result_b[0].ok and not result_b[0].replayed and result_b[0].attempts == 2
+        # The handler's retry of A sees B's result without calling.
+        retried = a.run(key, REQUEST, never)
+        row = a.get(key)
+    assert retried.replayed and retried.response == result_b[0].response and retried.via == "call"
+    assert (row["status"], row["lease_token"], row["response"]) == ("succeeded", None, result_b[0].response)
+    assert [e["what"] for e in row["evidence"]] == ["lease", "expired", "lease", "lease_lost", "succeeded"]
+    assert [e["owner"] for e in row["evidence"]] == ["worker-a", "worker-b", "worker-b", "worker-a", "worker-b"]
+    # One charge: B re-called with the same key and the provider deduplicated it.
+    assert len(provider.charges()) == 1 and posts(provider, key) == ["ok", "replay"]
 
 
 def test_effect_inside_a_handler_is_replayed_when_the_handler_retries(db, client, provider):

@@ -294,3 +294,94 @@ def test_a_handler_cannot_commit_the_inbox_transaction(conn):
     assert (result.processed, result.dead_lettered) == (0, 1)
     assert applied(conn) == {}
     assert "Explicit commit() forbidden" in conn.execute("SELECT error FROM outbox.inbox_dead_letters").fetchone()[0]
+
+
+class Blocker:
+    """A third transaction holding inbox rows (as an instance mid-batch would), so two instances
+    started behind it stop at known places: their lock order is then the only variable."""
+
+    def __init__(self, db, consumer, recs):
+        self.conn = psycopg.connect(db.secret())
+        for r in recs:
+            self.conn.execute("INSERT INTO outbox.inbox_messages (event_id, consumer, topic, kafka_partition, "
+                              "kafka_offset) VALUES (%s, %s, %s, %s, %s)",
+                              (dict(r.headers)["event_id"].decode(), consumer, r.topic, r.partition, r.offset))
+
+    def release_when_waiting(self, waiting: int, timeout: float = 20):
+        """Roll back once `waiting` other transactions wait for a row lock (ours or each other's)."""
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(self.conn.info.dsn, password=self.conn.info.password, autocommit=True) as watch:
+            while time.monotonic() < deadline:
+                if watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                 "AND datname = current_database()").fetchone()[0] >= waiting:
+                    break
+                time.sleep(0.02)
+            else:
+                raise AssertionError(f"fewer than {waiting} transactions ever waited behind the blocker")
+        self.conn.rollback()
+        self.conn.close()
+
+
+def run_instances(db, batches, handler=apply_deposit, consumer="c", before=None):
+    """process() each batch on its own connection at the same time; (results, errors)."""
+    start = threading.Barrier(len(batches) + 1)
+    results, errors = [], []
+
+    def instance(batch):
+        with psycopg.connect(db.secret(), autocommit=True) as own:
+            start.wait()
+            try:
+                results.append(process(own, consumer, batch, handler, policy=FAST))
+            except Exception as exc:  # noqa: BLE001 - asserted by the caller
+                errors.append(exc)
+
+    threads = [threading.Thread(target=instance, args=(b,)) for b in batches]
+    for t in threads:
+        t.start()
+    start.wait()
+    if before is not None:
+        before()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "an instance hung"
+    return results, errors
+
+
+def test_two_instances_holding_the_same_partitions_in_opposite_order_do_not_deadlock(conn, db, caplog):
+    """A rebalance overlap: both instances polled partitions 0 and 1, in opposite order. A blocker
+    holding the second record of each partition makes each instance stop after its first record;
+    in poll order they would then each hold one partition and wait for the other's (a deadlock)."""
+    events = {p: [(uuid.uuid4(), f"acc-{p}-{n % 3}", 1) for n in range(20)] for p in (0, 1)}
+    recs = {p: records(events[p], partition=p) for p in (0, 1)}
+    blocker = Blocker(db, "c", [recs[0][1], recs[1][1]])
+    with caplog.at_level("WARNING", logger="inbox"):
+        results, errors = run_instances(db, [recs[0] + recs[1], recs[1] + recs[0]],
+                                        before=lambda: blocker.release_when_waiting(2))
+    assert errors == []
+    assert "rolled back by PostgreSQL" not in caplog.text  # avoided by the lock order, not retried
+    ids = [e[0] for p in (0, 1) for e in events[p]]
+    assert applied(conn) == {i: 1 for i in ids}
+    assert sum(r.processed for r in results) == 40 and sum(r.duplicates for r in results) == 40
+    assert offsets(conn) == {("orders", 0): 20, ("orders", 1): 20}
+    assert stats(conn) == (40, 40, 0)
+
+
+def test_deadlock_between_two_instances_is_rolled_back_and_retried_not_raised(conn, db, caplog):
+    """Lock order cannot cover everything: here the same two events were redelivered at other
+    offsets of the partition, in the other order. PostgreSQL aborts one instance's transaction;
+    it must run again (not count as a handler failure, not escape process())."""
+    e1, e2, x, y = (uuid.uuid4() for _ in range(4))
+    first = records([(e1, "acc-1", 1), (x, "acc-2", 1), (e2, "acc-3", 1)])
+    later = records([(e2, "acc-3", 1), (y, "acc-4", 1), (e1, "acc-1", 1)], start=100)
+    blocker = Blocker(db, "c", [first[1], later[1]])
+    with caplog.at_level("WARNING", logger="inbox"):
+        results, errors = run_instances(db, [first, later], before=lambda: blocker.release_when_waiting(2))
+    assert errors == []
+    assert applied(conn) == {e1: 1, e2: 1, x: 1, y: 1}
+    assert sum(r.processed for r in results) == 4 and sum(r.duplicates for r in results) == 2
+    assert sum(r.dead_lettered for r in results) == 0
+    assert offsets(conn) == {("orders", 0): 103}
+    assert stats(conn) == (4, 2, 0)
+    retried = [r.getMessage() for r in caplog.records if "rolled back by PostgreSQL" in r.getMessage()]
+    assert len(retried) == 1 and "deadlock detected" in retried[0], caplog.text
+    assert not any("handler of consumer" in r.getMessage() for r in caplog.records)

@@ -193,3 +193,59 @@ def test_rebalance_between_two_instances_hands_partitions_over_without_overlap(d
     assert set(calls.values()) == {1} and len(calls) == 1500
     assert a.processed + b.processed == 1500 and a.duplicates + b.duplicates == 0
     assert counts(db, "SELECT count(*), count(DISTINCT event_id) FROM applied") == [(1500, 1500)]
+
+
+@pytest.mark.timeout(180)
+def test_runner_survives_a_postgresql_restart_and_resumes_from_the_stored_offsets(kafka, topic_prefix, caplog):
+    """PostgreSQL goes away under a running Runner (mid-batch, with records still arriving) and comes
+    back on the same port. The Runner must not exit: it reconnects and resumes from the offsets
+    stored in PostgreSQL, so every event is applied exactly once. A server of its own, so that
+    restarting it disturbs no other test."""
+    import shutil
+
+    from relay.devstack.postgres import EmbeddedPostgres
+    from relay.migrate import migrate
+
+    from .conftest import TEST_STACK_DIR
+
+    root = TEST_STACK_DIR / f"pg-inbox-restart-{uuid.uuid4().hex[:8]}"
+    pg = EmbeddedPostgres(root)
+    try:
+        db = pg.start()
+        port = pg.status().port
+        migrate(db, log=lambda _: None)
+        create_business_schema(db)
+        topic = f"{topic_prefix}.deposits"
+        create_topic(kafka, topic, partitions=2)
+        first = [(uuid.uuid4(), f"acc-{n % 5}") for n in range(300)]
+        second = [(uuid.uuid4(), f"acc-{n % 5}") for n in range(300)]
+        produce(kafka, topic, [(a.encode(), deposit(a, 1), headers_for(e, a)) for e, a in first])
+
+        def handler(conn, msg):
+            apply_deposit(conn, msg)
+            time.sleep(0.002)  # batches take long enough for the stop to land inside one
+
+        def applied_count():
+            return counts(db, "SELECT count(*) FROM applied")[0][0]
+
+        with caplog.at_level("INFO", logger="inbox"):
+            bg = Background(runner(db, kafka, "restart", topic, handler, max_poll_records=50))
+            wait_until(lambda: applied_count() >= 100, 60, "the runner to make progress")
+            pg.stop()
+            produce(kafka, topic, [(a.encode(), deposit(a, 1), headers_for(e, a)) for e, a in second])
+            time.sleep(3)  # several reconnection attempts fail meanwhile
+            assert bg.thread.is_alive() and bg.error == [], bg.error
+            assert pg.start(port) == db
+            caught_up(db, "restart", kafka, topic, timeout=90)
+            totals = bg.stop()
+        applied = Counter(r[0] for r in counts(db, "SELECT event_id FROM applied"))
+        assert applied == {e: 1 for e, _ in first + second}  # no gap, no double apply across the restart
+        assert counts(db, "SELECT sum(balance)::int FROM balances") == [(600,)]
+        assert counts(db, "SELECT sum(processed)::int, sum(dead_lettered)::int FROM outbox.inbox_stats") == [(600, 0)]
+        assert totals.dead_lettered == 0
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("lost its PostgreSQL connection" in m for m in messages), caplog.text
+        assert any("reconnected to PostgreSQL" in m for m in messages), caplog.text
+    finally:
+        pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
