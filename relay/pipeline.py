@@ -257,7 +257,7 @@ class Pipeline:
         """Exactly-once: every record in Kafka's hands, dead letters durable, then one commit."""
         bk = self.bk
         try:
-            self.publisher.producer.flush()
+            self.publisher.producer.flush(timeout=130)  # past delivery_timeout_ms every record has an outcome
         except kerr.KafkaError as exc:
             self.publisher.abort()
             raise Transient(f"Kafka did not take batch {batch.batch_id}: {exc}") from exc

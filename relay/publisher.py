@@ -41,6 +41,9 @@ _FIX = {
 }
 
 
+TRANSACTION_WAIT_MS = 30_000
+
+
 class Fenced(Exception):
     """Another relay with the same transactional id took over (exactly-once zombie fencing)."""
 
@@ -108,7 +111,7 @@ class Publisher:
     def commit(self, checkpoint_topic: str, checkpoint_key: bytes, checkpoint: dict) -> None:
         self.producer.send(checkpoint_topic, key=checkpoint_key, value=json.dumps(checkpoint).encode())
         try:
-            self.producer.commit_transaction()
+            self._finish(self.producer._transaction_manager.begin_commit, "committing")
         except (kerr.ProducerFencedError, kerr.InvalidProducerEpochError) as exc:
             raise Fenced(str(exc)) from exc
         finally:
@@ -117,10 +120,21 @@ class Publisher:
     def abort(self) -> None:
         if self.in_transaction:
             try:
-                self.producer.abort_transaction()
+                self._finish(self.producer._transaction_manager.begin_abort, "aborting")
             except kerr.KafkaError as exc:
                 log.warning("aborting the Kafka transaction failed (the broker aborts it on timeout): %s", exc)
             self.in_transaction = False
+
+    def _finish(self, begin, what: str) -> None:
+        """commit_transaction()/abort_transaction() with a time limit: kafka-python waits forever when
+        the transaction coordinator dies at the wrong moment (found by the chaos run: a broker killed
+        mid-commit froze the relay). Past the limit the session restarts; the next producer's
+        init_transactions() settles the transaction either way and the checkpoint says which."""
+        result = begin()
+        self.producer._sender.wakeup()
+        if not result.wait(timeout_ms=TRANSACTION_WAIT_MS):
+            raise kerr.KafkaTimeoutError(f"{what} the Kafka transaction took longer than "
+                                         f"{TRANSACTION_WAIT_MS // 1000} s (transaction coordinator unavailable?)")
 
     def write_aborted_probe(self, topic: str) -> bytes:
         """Write a record in a transaction and abort it. A broker with correct transactions never
