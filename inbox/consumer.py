@@ -379,10 +379,15 @@ class _LosingConnection:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc is None or not isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+        if exc is None:
             return False
         conn = self.runner._conn
-        if conn is not None and not conn.closed:
+        gone = conn is not None and (conn.closed or conn.broken)
+        # A handler error whose rollback then met a dead connection surfaces as psycopg.Rollback (or
+        # the handler's own error): judged by the connection, not the exception type.
+        if not gone and not isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+            return False
+        if conn is not None and not gone:
             return False
         if conn is None and not self.runner._connected_once:
             return False  # never reached it at all: a wrong DSN or password is reported, not retried
