@@ -254,15 +254,12 @@ class Chaos:
 
     def _relay_kill(self) -> str:
         active = self._q("SELECT relay_id FROM outbox.relay_instances WHERE role = 'active'")
-        name = active[0][0] if active else "relay-a"
-        self.procs[name].kill()
-        self.procs[name].wait()
-        time.sleep(self.rnd.uniform(0.5, 2.0))
-        self._start(name)
-        return f"kill -9 {name}"
+        return self._kill(active[0][0] if active else "relay-a")
 
     def _consumer_kill(self) -> str:
-        name = self.rnd.choice(["consumer-1", "consumer-2"])
+        return self._kill(self.rnd.choice(["consumer-1", "consumer-2"]))
+
+    def _kill(self, name: str) -> str:
         self.procs[name].kill()
         self.procs[name].wait()
         time.sleep(self.rnd.uniform(0.5, 2.0))
