@@ -77,6 +77,40 @@ def drop_database(admin_dsn: Dsn, name: str) -> None:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@pytest.fixture(scope="module")
+def ha_stack():
+    """A separate stack for failure tests: 3 Kafka nodes (RF 3, min ISR 2) and a PostgreSQL primary
+    with a streaming standby, under its own directory so that killing, pausing or promoting its
+    servers never touches the session stack. One per module, stopped at its end (~10 s to start,
+    ~1 GiB RSS). Tests that kill or promote must leave it running or say so."""
+    from relay.devstack.kafka import find_java
+
+    if find_java() is None:
+        pytest.skip("a Kafka cluster needs Java 17+")
+    root = REPO / ".outbox" / f"ha-{uuid.uuid4().hex[:8]}"
+    dev = DevStack(load_settings(dev_kafka="apache"), root=root, kafka_brokers=3, pg_standby=True)
+    try:
+        dev.urls = dev.up()
+        yield dev
+    finally:
+        dev.down()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def kafka_cluster(ha_stack) -> DevStack:
+    """The 3-node cluster of `ha_stack`: bootstrap in `.urls.kafka_bootstrap`, and kill_broker /
+    pause_broker / resume_broker / restart_broker / leaders / partitions by node id."""
+    return ha_stack
+
+
+@pytest.fixture(scope="module")
+def pg_pair(ha_stack) -> DevStack:
+    """The PostgreSQL primary + standby of `ha_stack`: multi-host URL in `.urls.database_url`,
+    pg_node_dsn(role), wait_standby_caught_up, wait_slot_synced, promote."""
+    return ha_stack
+
+
 @pytest.fixture
 def kafka(stack: StackUrls) -> str:
     return stack.kafka_bootstrap

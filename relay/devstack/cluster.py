@@ -118,6 +118,12 @@ class KafkaCluster:
     def bootstrap(self) -> str:
         return ",".join(f"127.0.0.1:{n['port']}" for n in self.state["nodes"])
 
+    def live_bootstrap(self) -> str:
+        """Only the nodes that run and are not paused: kafka-python's admin client sends a request
+        to one node it picks and fails on a refused connection instead of trying the next."""
+        live = [s for s in self.statuses() if s.running and not s.paused]
+        return ",".join(f"127.0.0.1:{s.port}" for s in live) or self.bootstrap
+
     def _recorded(self, node_id: int) -> dict:
         for entry in self.state["nodes"]:
             if entry["id"] == node_id:
@@ -218,7 +224,7 @@ class KafkaCluster:
 
     def unfenced_brokers(self) -> set[int]:
         try:
-            with admin(self.bootstrap) as client:
+            with admin(self.live_bootstrap()) as client:
                 return {b["broker_id"] for b in client.describe_cluster()["brokers"] if not b.get("is_fenced")}
         except Exception:  # noqa: BLE001 - not ready yet, whatever the client says
             return set()
@@ -281,8 +287,21 @@ class KafkaCluster:
 
     def partitions(self, topic: str) -> dict[int, dict]:
         """{partition: {"leader": id, "replicas": [...], "isr": [...]}} as the cluster reports it now."""
-        with admin(self.bootstrap) as client:
-            (meta,) = client.describe_topics([topic])
+        # Right after a node died the cluster still lists it, and the admin client may pick it and
+        # fail: retry (each time through another live node) until the controller has caught up.
+        deadline = time.monotonic() + 20
+        attempt = 0
+        while True:
+            live = self.live_bootstrap().split(",")
+            try:
+                with admin(live[attempt % len(live)]) as client:
+                    (meta,) = client.describe_topics([topic])
+                break
+            except Exception:  # noqa: BLE001 - whatever the client raises, the next try may work
+                if time.monotonic() > deadline:
+                    raise
+                attempt += 1
+                time.sleep(0.3)
         if meta.get("error_code"):
             raise StackError(f"describing topic {topic!r} failed with Kafka error code {meta['error_code']}")
         return {p["partition_index"]: {"leader": p["leader_id"], "replicas": sorted(p["replica_nodes"]),

@@ -139,6 +139,54 @@ class PgPair:
                          "AND NOT active")
         return report
 
+    def node_dsn(self, role: str, database: str = DATABASE) -> Dsn:
+        """A single-host DSN of the current "primary" or "standby" (tests look at one server)."""
+        node = self.primary if role == "primary" else self.standby
+        return node.dsn(self.state["ports"][node.root.name], database=database)
+
+    def wait_caught_up(self, timeout: float = 30) -> str:
+        """Until the standby has replayed everything the primary has written so far; returns that LSN."""
+        with psycopg.connect(self.node_dsn("primary").secret(), connect_timeout=5) as conn:
+            target = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+        self._poll(self.node_dsn("standby"), "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (target,), timeout,
+                   f"the standby to replay up to {target}")
+        return target
+
+    def wait_slot_synced(self, slot: str, timeout: float = 30) -> None:
+        """Until the slot-sync worker has persisted `slot` on the standby (synced, not temporary).
+
+        The standby can only build the slot's snapshot from a running-xacts record after the slot's
+        restart_lsn, which an idle primary writes every 15 s at best: we ask for one. The worker
+        naps up to 30 s when idle; a config reload wakes it (pg_sync_replication_slots() would
+        fail with "cannot synchronize replication slots concurrently" while the worker runs).
+        Never advances the slot itself: that would skip the consumer's unread changes.
+        """
+        with psycopg.connect(self.node_dsn("primary").secret(), autocommit=True, connect_timeout=5) as conn:
+            conn.execute("SELECT pg_log_standby_snapshot()")
+        try:
+            self._poll(self.node_dsn("standby"),
+                       "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND synced "
+                       "AND NOT temporary)", (slot,), timeout, f"slot {slot!r} to be synced to the standby",
+                       nudge="SELECT pg_reload_conf()")
+        except StackError as exc:
+            raise StackError(
+                f"{exc}. A failover slot that nobody has consumed since transactions ran after its creation "
+                f"needs catalog rows the standby no longer keeps, so the standby holds it only as a temporary "
+                f"slot (its log: 'Synchronization could lead to data loss') that would not survive a failover; "
+                f"it becomes persistent once its consumer on the primary confirms a newer position."
+            ) from None
+
+    @staticmethod
+    def _poll(dsn: Dsn, query: str, params: tuple, timeout: float, what: str, nudge: str | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(dsn.secret(), autocommit=True, connect_timeout=5) as conn:
+            while not conn.execute(query, params).fetchone()[0]:
+                if time.monotonic() > deadline:
+                    raise StackError(f"timed out after {timeout:.0f} s waiting for {what}")
+                if nudge:
+                    conn.execute(nudge)
+                time.sleep(0.2)
+
     def statuses(self) -> list[dict]:
         out = []
         for name in NODES:

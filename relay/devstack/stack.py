@@ -165,6 +165,24 @@ class DevStack:
                                "port": broker.port, "version": broker.version, "log": str(broker.log)}
         return report
 
+    # ----- failover helpers (tests)
+
+    def pg_node_dsn(self, role: str = "primary", database: str = "app"):
+        """Single-host DSN of the current "primary" or "standby" of a --pg-standby stack."""
+        return self._pair_now().node_dsn(role, database)
+
+    def wait_standby_caught_up(self, timeout: float = 30) -> str:
+        return self._pair_now().wait_caught_up(timeout)
+
+    def wait_slot_synced(self, slot: str, timeout: float = 30) -> None:
+        self._pair_now().wait_slot_synced(slot, timeout)
+
+    def _pair_now(self) -> PgPair:
+        state = self._read_state()
+        if not state.get("pg", {}).get("standby"):
+            raise StackError("this dev stack has no PostgreSQL standby. Fix: `outbox dev up --pg-standby`")
+        return self.pg_pair(state)
+
     # ----- failure injection (tests): one Kafka node by its node id
 
     def kill_broker(self, node_id: int) -> int:
