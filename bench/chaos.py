@@ -293,23 +293,9 @@ class Chaos:
     def _pg_failover(self) -> str:
         # An operator promotes a standby that is ready (the dashboard says whether it is): here, one
         # whose copy of the failover slot the slot-sync worker has caught up with.
-        self._wait(self._standby_has_slot, 120, "the standby to have the synchronized slot")
+        self.dev.wait_slot_synced("outbox_relay", timeout=120)
         report = self.dev.promote()
         return f"promoted {report.get('promoted', 'the standby')}"
-
-    def _standby_has_slot(self) -> bool:
-        from relay.redact import Dsn
-
-        state = self.dev._read_state()
-        pair = self.dev.pg_pair(state)
-        port = state["pg"]["ports"][pair.standby_name]
-        password = pair.primary.password_file.read_text().strip()
-        standby = Dsn(f"postgresql://postgres:{password}@127.0.0.1:{port}/app")
-        with psycopg.connect(standby.secret(), autocommit=True, connect_timeout=3) as conn:
-            # A synced slot that is still temporary is dropped at promotion: wait until it persisted.
-            row = conn.execute("SELECT synced AND NOT temporary FROM pg_replication_slots "
-                               "WHERE slot_name = 'outbox_relay'").fetchone()
-        return bool(row and row[0])
 
     # ----- the end
 

@@ -13,9 +13,7 @@ import uuid
 import psycopg
 import pytest
 
-from relay.devstack import DevStack
 from relay.migrate import migrate
-from relay.settings import load_settings
 
 from .helpers import read_topic
 from .relay_support import published, query, relay_env, relay_process, sigterm, wait_for, wait_streaming
@@ -24,12 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ha(tmp_path_factory):
-    dev = DevStack(load_settings(dev_kafka="apache"), root=tmp_path_factory.mktemp("ha"), kafka_brokers=3,
-                   pg_standby=True)
-    urls = dev.up()
-    yield dev, urls
-    dev.down()
+def ha(ha_stack):
+    return ha_stack, ha_stack.urls
 
 
 @pytest.fixture
@@ -93,21 +87,6 @@ def check(dsn, kafka: str, topic: str, delivery: str) -> dict:
     return {"events": len(rows), "duplicates": sum(counts.values()) - len(counts)}
 
 
-def standby_has_slot(dev, slot: str) -> bool:
-    """The slot-sync worker copied the failover slot to the standby, and the copy persisted (a copy
-    still marked temporary is dropped at promotion)."""
-    from relay.redact import Dsn
-
-    state = dev._read_state()
-    pair = dev.pg_pair(state)
-    password = pair.primary.password_file.read_text().strip()
-    standby = Dsn(f"postgresql://postgres:{password}@127.0.0.1:{state['pg']['ports'][pair.standby_name]}/postgres")
-    with psycopg.connect(standby.secret(), autocommit=True, connect_timeout=3) as conn:
-        row = conn.execute("SELECT synced AND NOT temporary FROM pg_replication_slots WHERE slot_name = %s",
-                           (slot,)).fetchone()
-    return bool(row and row[0])
-
-
 def busiest_leader(dev, topic: str) -> int:
     leaders = collections.Counter(dev.leaders(topic).values())
     return leaders.most_common(1)[0][0]
@@ -159,7 +138,7 @@ def test_postgres_failover_to_the_standby_resumes_from_the_synchronized_slot(ha,
         assert query(ha_db, "SELECT failover FROM pg_replication_slots WHERE slot_name = %s", (slot,)) == [(True,)]
         with Load(ha_db):
             wait_for(lambda: published(ha_db) > 300, 60, "the relay to publish under load")
-            wait_for(lambda: standby_has_slot(dev, slot), 120, "the standby's copy of the failover slot to persist")
+            dev.wait_slot_synced(slot, timeout=120)  # its copy on the standby persisted
             wait_for(lambda: query(ha_db, "SELECT failover_ready FROM outbox.relay_status")[0][0] is True, 30,
                      "the relay to report failover readiness")
             report = dev.promote()
