@@ -103,7 +103,10 @@ def producer_config(settings: Settings, transactional_id: str | None = None) -> 
     }
     config.update(security_config(s))
     if transactional_id:
-        config.update({"transactional.id": transactional_id, "transaction.timeout.ms": 60_000})
+        # librdkafka insists that a record cannot outlive its transaction (kafka-python lets it try
+        # for 120 s); either way the transaction is aborted and the batch replayed from the slot.
+        config.update({"transactional.id": transactional_id, "transaction.timeout.ms": 60_000,
+                       "delivery.timeout.ms": 60_000})
     return config
 
 
