@@ -95,6 +95,9 @@ class Publisher:
     def send(self, topic: str, value: bytes | None, key: bytes, headers: list):
         return self.producer.send(topic, value=value, key=key, headers=headers)
 
+    def poll(self) -> None:
+        """Nothing to do: kafka-python's sender thread completes the futures (librdkafka's need a poll)."""
+
     # ----- exactly-once
 
     def init_transactions(self) -> None:

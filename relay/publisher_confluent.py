@@ -97,6 +97,7 @@ def producer_config(settings: Settings, transactional_id: str | None = None) -> 
         "queue.buffering.max.messages": max(100_000, 2 * s.max_inflight_events),
         "queue.buffering.max.kbytes": max(1_048_576, 2 * s.max_inflight_bytes // 1024),
         "socket.connection.setup.timeout.ms": 10_000,
+        "socket.nagle.disable": True,  # the default since librdkafka 2.10; batching is linger.ms's job
         # librdkafka logs to stderr by default; through logging they get the relay's format and redaction.
         "logger": librdkafka_log,
         "error_cb": _on_error,
@@ -204,6 +205,12 @@ class ConfluentPublisher:
     def producer(self) -> "ConfluentPublisher":
         # The pipeline flushes through publisher.producer (kafka-python's object); this one is its own.
         return self
+
+    def poll(self) -> None:
+        """Serve the delivery reports that arrived. The pipeline calls it once per loop and whenever it
+        is about to wait for the stream; without it an acknowledgement would wait for the next send
+        or batch close (the relay would still be correct, only its slot would move later)."""
+        self._poll(0)
 
     def send(self, topic: str, value: bytes | None, key: bytes, headers: list) -> Delivery:
         handle = Delivery(self._poll)
