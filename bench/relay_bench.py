@@ -1,11 +1,14 @@
 """Relay benchmark: ratios against ceilings measured in the same run on the same rows and broker.
 
-    python -m bench.relay_bench [--events 200000] [--latency-seconds 15]
+    python -m bench.relay_bench [--events 200000] [--latency-seconds 15] [--clients kafka-python,confluent-kafka]
 
 1. capture ceiling   pg_recvlogical (C) reading the slot to /dev/null
 2. relay capture     our psycopg stream + pgoutput decoder + router, no Kafka   (goal >= 0.9x of 1)
 3. produce ceiling   a bare kafka-python producer sending the relay's exact records, same config
-4. relay end to end  commit -> Kafka ack, with and without per-event delivery rows (goal >= 0.8x of 3)
+4. relay end to end  commit -> Kafka ack, with and without per-event delivery rows (goal >= 0.8x of 3),
+                     once per producer client (OUTBOX_KAFKA_CLIENT); every ratio is against the bare
+                     kafka-python producer measured right before it (plus a bare librdkafka producer
+                     for reference)
 5. latency           commit -> Kafka ack at a steady 1,000 events/s, p50/p99
 
 Results are printed and saved as JSON under bench/results/. Runs on the embedded dev stack in
@@ -129,6 +132,29 @@ def bench_producer(settings, records: list, topic: str) -> float:
     return rate
 
 
+def bench_confluent_producer(settings, records: list, topic: str) -> float:
+    """The same records through a bare librdkafka producer with the relay's configuration."""
+    from confluent_kafka import Producer
+
+    from relay.publisher_confluent import producer_config as confluent_config
+
+    producer = Producer(confluent_config(settings))
+    producer.produce(topic, b"warm-up", b"w")
+    producer.flush(30)
+    started = time.perf_counter()
+    for r in records:
+        try:
+            producer.produce(topic, r.value, r.key, headers=r.headers)
+        except BufferError:
+            producer.poll(0.01)
+            producer.produce(topic, r.value, r.key, headers=r.headers)
+        producer.poll(0)
+    producer.flush()
+    rate = len(records) / (time.perf_counter() - started)
+    producer.close()
+    return rate
+
+
 def published(dsn, slot: str) -> int:
     with psycopg.connect(dsn.secret(), autocommit=True) as conn:
         row = conn.execute("SELECT events_published FROM outbox.relay_status WHERE slot_name = %s",
@@ -158,15 +184,19 @@ def bench_relay(settings, dsn, n: int) -> tuple[float, float]:
 def bench_latency(settings, dsn, rate: int, seconds: float) -> dict:
     """Commit -> Kafka ack per event, the commit time being the server's commit timestamp."""
     latencies: list[float] = []
-    original = Publisher.send
+    cls = Publisher
+    if settings.kafka_client == "confluent-kafka":
+        from relay.publisher_confluent import ConfluentPublisher as cls
+    original = cls.send
 
     def timed_send(self, topic, value, key, headers):
         future = original(self, topic, value, key, headers)
         committed = datetime.fromisoformat(dict(headers)["outbox_commit_ts"].decode().replace("Z", "+00:00"))
+        # librdkafka's acknowledgements are seen when the pipeline polls (once per loop): included here.
         future.add_callback(lambda _md, c=committed.timestamp(): latencies.append(time.time() - c))
         return future
 
-    Publisher.send = timed_send
+    cls.send = timed_send
     relay = Relay(settings)
     thread = threading.Thread(target=relay.run, daemon=True)
     thread.start()
@@ -189,7 +219,7 @@ def bench_latency(settings, dsn, rate: int, seconds: float) -> dict:
     finally:
         relay.request_stop()
         thread.join(60)
-        Publisher.send = original
+        cls.send = original
     ordered = sorted(latencies)
     pct = lambda p: ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000  # noqa: E731
     return {"events": len(ordered), "rate_per_s": rate, "p50_ms": round(pct(0.50), 2), "p90_ms": round(pct(0.90), 2),
@@ -201,8 +231,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--latency-seconds", type=float, default=15)
+    parser.add_argument("--clients", default="kafka-python,confluent-kafka",
+                        help="OUTBOX_KAFKA_CLIENT values to run end to end (comma-separated)")
     args = parser.parse_args()
     n = args.events
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()]
 
     base = load_settings(_env_file=None, dev_kafka="apache")
     stack = DevStack(base, root=Path(".outbox/bench"))
@@ -218,7 +251,12 @@ def main() -> None:
         results: dict = {}
 
         capture_slots = [f"b_{kind}{i}" for i in (1, 2) for kind in ("recv", "capture", "route")]
-        for slot in capture_slots + ["b_relay", "b_relay_nodeliv"]:
+        runs = []  # (client, slot, template, track deliveries)
+        for client in clients:
+            tag = "" if client == "kafka-python" else "_cf"
+            runs += [(client, f"b_relay{tag}", f"e2e{tag}.{{aggregate_type}}", True),
+                     (client, f"b_relay{tag}_nodeliv", f"e2e2{tag}.{{aggregate_type}}", False)]
+        for slot in capture_slots + [r[1] for r in runs]:
             create_slot(dsn, slot)
         log(f"inserting {n} events of ~200 B ...")
         end_lsn = insert_rows(dsn, "bench", n)
@@ -244,27 +282,37 @@ def main() -> None:
                                  topic_template=template, metrics_port=0, relay_id=f"bench-{slot}", **extra)
 
         records = relay_records(dsn, "bench", "bare.{aggregate_type}")
-        for run, (slot, template, track) in enumerate([("b_relay", "e2e.{aggregate_type}", True),
-                                                       ("b_relay_nodeliv", "e2e2.{aggregate_type}", False)]):
+        for run, (client, slot, template, track) in enumerate(runs):
             ensure_topic({"bootstrap_servers": bootstrap}, f"bare{run}.bench", 3)
             ensure_topic({"bootstrap_servers": bootstrap}, template.format(aggregate_type="bench"), 3)
-            s = settings_for(slot, template, track_deliveries=track)
+            s = settings_for(slot, template, track_deliveries=track, kafka_client=client)
             bare = bench_producer(s, records, f"bare{run}.bench")
             e2e, with_start = bench_relay(s, dsn, n)
             key = "with_delivery_rows" if track else "without_delivery_rows"
+            if client != "kafka-python":  # the kafka-python keys keep their names: older results compare
+                key += "_" + client.replace("-", "_")
             results[f"bare_producer_events_per_s_{run}"] = round(bare)
             results[f"relay_e2e_events_per_s_{key}"] = round(e2e)
             results[f"relay_e2e_incl_session_start_events_per_s_{key}"] = round(with_start)
             results[f"ratio_e2e_to_bare_{key}"] = round(e2e / bare, 3)
-            log(f"bare producer {bare:,.0f}/s; relay end to end ({key.replace('_', ' ')}) {e2e:,.0f}/s "
-                f"-> {e2e / bare:.2f}x")
+            log(f"bare kafka-python producer {bare:,.0f}/s; relay end to end with {client} "
+                f"({key.replace('_', ' ')}) {e2e:,.0f}/s -> {e2e / bare:.2f}x")
+        if "confluent-kafka" in clients:
+            ensure_topic({"bootstrap_servers": bootstrap}, "bare_cf.bench", 3)
+            bare_cf = bench_confluent_producer(settings_for("b_relay_cf", "x.{aggregate_type}"), records,
+                                               "bare_cf.bench")
+            results["bare_confluent_producer_events_per_s"] = round(bare_cf)
+            log(f"bare confluent-kafka producer (reference) {bare_cf:,.0f}/s")
         results["ratio_capture_to_pg_recvlogical"] = round(best["capture"] / best["recv"], 3)
         results["ratio_capture_and_route_to_pg_recvlogical"] = round(best["route"] / best["recv"], 3)
 
-        create_slot(dsn, "b_latency")
-        results["latency_at_1k_per_s"] = bench_latency(settings_for("b_latency", "lat.{aggregate_type}"), dsn, 1000,
-                                                       args.latency_seconds)
-        log(f"latency at 1k/s: {results['latency_at_1k_per_s']}")
+        for client in clients:
+            tag = "" if client == "kafka-python" else "_" + client.replace("-", "_")
+            create_slot(dsn, f"b_latency{tag}")
+            results[f"latency_at_1k_per_s{tag}"] = bench_latency(
+                settings_for(f"b_latency{tag}", f"lat{tag}.{{aggregate_type}}", kafka_client=client), dsn, 1000,
+                args.latency_seconds)
+            log(f"latency at 1k/s with {client}: {results[f'latency_at_1k_per_s{tag}']}")
 
         import kafka
 
@@ -272,9 +320,10 @@ def main() -> None:
             "benchmark": "relay",
             "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-            "versions": {"kafka_python": kafka.__version__, "postgres": stack.postgres().version(),
+            "versions": {"kafka_python": kafka.__version__, "confluent_kafka": _confluent_version(),
+                         "postgres": stack.postgres().version(),
                          "kafka_broker": "4.1.1"},
-            "config": {"events": n, "payload_bytes": "~200", "compression": compression("auto"), "linger_ms":
+            "config": {"events": n, "clients": clients, "payload_bytes": "~200", "compression": compression("auto"), "linger_ms":
                        base.linger_ms, "batch_max_events": base.batch_max_events,
                        "crc32c": _has("crc32c")},
             "results": results,
@@ -287,6 +336,14 @@ def main() -> None:
         log(f"saved {out}")
     finally:
         stack.down()
+
+
+def _confluent_version() -> str | None:
+    try:
+        import confluent_kafka
+    except ImportError:
+        return None
+    return f"{confluent_kafka.version()[0]} (librdkafka {confluent_kafka.libversion()[0]})"
 
 
 def _has(module: str) -> bool:

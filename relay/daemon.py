@@ -28,7 +28,9 @@ from relay.ledger import Ledger, restore_dead_letters, settle_previous_batches
 from relay.metrics import RelayMetrics, serve
 from relay.pgoutput import str_to_lsn
 from relay.pipeline import Pipeline, Transient
-from relay.publisher import Fenced, Publisher, TopicProvisioner, ensure_checkpoint_topic, read_checkpoint
+from relay.publisher import (
+    Fenced, Publisher, TopicProvisioner, ensure_checkpoint_topic, make_publisher, read_checkpoint,
+)
 from relay.redact import redact
 from relay.replication import ReplicationError, ReplicationStream, ServerPosition, identify_server, quote_ident
 from relay.router import TABLE_LAYOUT
@@ -165,7 +167,7 @@ class Relay:
             identity = self.identity = self._identity(control, server)
 
             eos = s.delivery == "exactly-once"
-            publisher = Publisher(s, f"outbox-relay-{identity.key}" if eos else None)
+            publisher = make_publisher(s, f"outbox-relay-{identity.key}" if eos else None)
             self.metrics.kafka_ok = True  # bootstrapped: the brokers answered
             topics = TopicProvisioner(s)
             ledger = None

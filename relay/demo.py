@@ -121,7 +121,7 @@ class Demo:
         settings = self.settings.model_copy(update={
             "database_url": dsn, "kafka_bootstrap": urls.kafka_bootstrap, "delivery": delivery})
 
-        ensure_topic(settings.kafka_client(), TOPIC, 3)  # consumers start before the first order creates it
+        ensure_topic(settings.kafka_client_options(), TOPIC, 3)  # consumers start before the first order creates it
         provider = FakeProvider(hang_s=2.5).start()
         client = ProviderClient(provider.url, timeout_s=1.5)
         effects = Effects(dsn, lease_s=10)

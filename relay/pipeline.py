@@ -134,8 +134,10 @@ class Pipeline:
                 raw = read(0)
                 if raw is None:
                     # Nothing more buffered: perform what is staged before waiting, or a quiet stream
-                    # would hold a record back until the stage fills (latency).
+                    # would hold a record back until the stage fills (latency). A steady trickle keeps
+                    # this inner loop going for seconds, so acknowledgements are served here too.
                     self._perform()
+                    self.publisher.poll()
                     raw = read(timeout)
                     if raw is None:
                         bk.tick(time.monotonic())
@@ -288,6 +290,7 @@ class Pipeline:
     def _collect(self) -> None:
         """Outcomes: records Kafka finished (at-least-once) and batches the ledger wrote."""
         bk = self.bk
+        self.publisher.poll()
         if self.ledger.error is not None:
             raise Transient(f"writing the relay ledger failed: {self.ledger.error}")
         if not self.eos:

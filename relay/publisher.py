@@ -63,7 +63,7 @@ def compression(setting: str) -> str | None:
 
 def producer_config(settings: Settings, transactional_id: str | None = None) -> dict:
     config = dict(
-        **settings.kafka_client(),
+        **settings.kafka_client_options(),
         client_id=f"outbox-relay-{settings.relay_id}",
         acks="all",
         enable_idempotence=True,
@@ -97,6 +97,9 @@ class Publisher:
 
     def send(self, topic: str, value: bytes | None, key: bytes, headers: list):
         return self.producer.send(topic, value=value, key=key, headers=headers)
+
+    def poll(self) -> None:
+        """Nothing to do: kafka-python's sender thread completes the futures (librdkafka's need a poll)."""
 
     # ----- exactly-once
 
@@ -153,6 +156,15 @@ class Publisher:
             log.warning("closing the Kafka producer: %s", exc)
 
 
+def make_publisher(settings: Settings, transactional_id: str | None = None):
+    """The relay's producer for OUTBOX_KAFKA_CLIENT: this module's Publisher or the librdkafka one."""
+    if settings.kafka_client == "confluent-kafka":
+        from relay.publisher_confluent import ConfluentPublisher  # optional dependency: imported only when chosen
+
+        return ConfluentPublisher(settings, transactional_id)
+    return Publisher(settings, transactional_id)
+
+
 def unreachable_hint(settings: Settings) -> str:
     s = settings
     hint = f"Fix: check that a broker listens at {s.kafka_bootstrap} and speaks {s.kafka_security_protocol}"
@@ -171,7 +183,7 @@ def ensure_checkpoint_topic(settings: Settings) -> None:
 
 
 def ensure_topic(client: dict, topic: str, partitions: int, configs: dict[str, str] | None = None) -> None:
-    """Create `topic` unless it exists. `client`: KafkaAdminClient options (Settings.kafka_client())."""
+    """Create `topic` unless it exists. `client`: KafkaAdminClient options (Settings.kafka_client_options())."""
     admin = KafkaAdminClient(**client, client_id="outbox-relay-admin")
     try:
         admin.create_topics({topic: {"num_partitions": partitions, "configs": configs or {}}}, raise_errors=False)
@@ -206,7 +218,8 @@ class TopicProvisioner:
     def ensure(self, topic: str, partitions: int | None = None, configs: dict[str, str] | None = None) -> None:
         s = self.s
         if self._admin is None:
-            self._admin = KafkaAdminClient(**s.kafka_client(), client_id=f"outbox-relay-admin-{s.relay_id}")
+            self._admin = KafkaAdminClient(**s.kafka_client_options(),
+                                           client_id=f"outbox-relay-admin-{s.relay_id}")
         admin = self._admin
         if s.topic_create:
             spec = {"num_partitions": partitions or s.topic_partitions or -1,
@@ -252,7 +265,7 @@ EOS_UNSAFE = (
 def read_checkpoint(settings: Settings, key: bytes, probe: bytes | None = None, timeout: float = 30) -> dict | None:
     """The last committed checkpoint for `key`, read with read_committed up to the end of the topic.
     Meeting the aborted `probe` record proves the broker unfit for exactly-once (FatalError)."""
-    consumer = KafkaConsumer(**settings.kafka_client(), group_id=None, enable_auto_commit=False,
+    consumer = KafkaConsumer(**settings.kafka_client_options(), group_id=None, enable_auto_commit=False,
                              isolation_level="read_committed", auto_offset_reset="earliest",
                              client_id="outbox-relay-checkpoint")
     try:

@@ -53,6 +53,8 @@ _HINTS: dict[str, str] = {
     "kafka_sasl_password": _SASL_CREDENTIALS,
     "kafka_ssl_cafile": "point it to the PEM file of the CA that signed the brokers' certificates, or unset it "
     "to use the system's CAs",
+    "kafka_client": "use kafka-python (default) or confluent-kafka (needs the confluent extra: "
+    "pip install 'pg-outbox-relay[confluent]')",
     "delivery": "use at-least-once (default) or exactly-once",
     "slot_failover": "use auto, on or off",
     "slot_name": "use lower-case letters, digits and underscores, at most 63 characters, e.g. outbox_relay",
@@ -93,6 +95,9 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: Path | None = None
+    # The relay's producer only (issue 12): librdkafka moves the per-record cost out of Python, whose
+    # one GIL caps kafka-python. Admin, checkpoint reader, inbox and dashboard stay on kafka-python.
+    kafka_client: Literal["kafka-python", "confluent-kafka"] = "kafka-python"
 
     # --- relay
     delivery: Literal["at-least-once", "exactly-once"] = "at-least-once"
@@ -189,6 +194,16 @@ class Settings(BaseSettings):
             register_secret(value.get_secret_value())  # masked in every log line from now on
         return value
 
+    @field_validator("kafka_client")
+    @classmethod
+    def _client_installed(cls, value: str) -> str:
+        # At start-up, not at the first session: a missing extra is a configuration error like any other.
+        import importlib.util
+
+        if value == "confluent-kafka" and importlib.util.find_spec("confluent_kafka") is None:
+            raise ValueError("confluent-kafka is not installed")
+        return value
+
     @field_validator("kafka_ssl_cafile")
     @classmethod
     def _cafile(cls, value: Path | None) -> Path | None:
@@ -243,7 +258,7 @@ class Settings(BaseSettings):
             how += f", {self.kafka_sasl_mechanism} as {self.kafka_sasl_username!r}"
         return f"{self.kafka_bootstrap} ({how})"
 
-    def kafka_client(self) -> dict[str, Any]:
+    def kafka_client_options(self) -> dict[str, Any]:
         """bootstrap_servers plus kafka_security(): what every KafkaProducer/Consumer/AdminClient gets."""
         return {"bootstrap_servers": self.kafka_servers, **self.kafka_security()}
 
@@ -338,6 +353,8 @@ SETTING_DOCS: dict[str, str] = {
     "kafka_sasl_username": "SASL user (required with a SASL_* protocol)",
     "kafka_sasl_password": "SASL password (required with a SASL_* protocol); masked in every log line",
     "kafka_ssl_cafile": "PEM file of the CA that signed the brokers' certificates; system CAs when unset",
+    "kafka_client": "the relay's Kafka producer: `confluent-kafka` (librdkafka, the `confluent` extra) moves the "
+                    "per-record cost out of Python; same partitions, delivery and exactly-once semantics",
     "delivery": "`exactly-once` needs a broker with correct transactions (Apache Kafka)",
     "slot_name": "logical replication slot; relays with the same slot form one active/standby group",
     "publication": "publication over outbox.events",

@@ -10,6 +10,7 @@ import time
 import uuid
 
 import psycopg
+import pytest
 from psycopg.types.json import Jsonb
 
 from .helpers import read_topic
@@ -24,8 +25,9 @@ def headers_of(record) -> dict[str, bytes]:
     return dict(record.headers)
 
 
-def test_every_committed_event_arrives_in_the_contract_shape(db, kafka, topic_prefix):
-    settings = relay_settings(db, kafka, topic_prefix)
+@pytest.mark.parametrize("kafka_client", ["kafka-python", "confluent-kafka"])
+def test_every_committed_event_arrives_in_the_contract_shape(db, kafka, topic_prefix, kafka_client):
+    settings = relay_settings(db, kafka, topic_prefix, kafka_client=kafka_client)
     with RelayThread(settings):
         ids = emit(db, [
             ("order", "42", "OrderPlaced", {"total": 12.5, "note": "café"}, {"traceparent": TRACEPARENT}),

@@ -101,7 +101,9 @@ def test_database_copied_to_another_server_stops_the_relay_until_reset_checkpoin
         drop_database(admin_dsn, copy)
 
 
-def test_dead_letter_survives_a_ledger_failure_right_after_the_kafka_commit(db, kafka, topic_prefix, monkeypatch):
+@pytest.mark.parametrize("kafka_client", ["kafka-python", "confluent-kafka"])
+def test_dead_letter_survives_a_ledger_failure_right_after_the_kafka_commit(db, kafka, topic_prefix, monkeypatch,
+                                                                            kafka_client):
     """Exactly-once: a record the producer refused (too large) was dead-lettered only by the ledger,
     after the Kafka commit. The ledger write failing there (PostgreSQL restarting) made the restarted
     relay settle the batch as committed and skip its source transaction: the event was nowhere."""
@@ -116,7 +118,8 @@ def test_dead_letter_survives_a_ledger_failure_right_after_the_kafka_commit(db, 
         return real(self, outcomes)
 
     monkeypatch.setattr(ledger.Ledger, "_write", fail_once)
-    settings = relay_settings(db, kafka, topic_prefix, delivery="exactly-once", max_record_bytes=2048)
+    settings = relay_settings(db, kafka, topic_prefix, delivery="exactly-once", max_record_bytes=2048,
+                              kafka_client=kafka_client)
     with RelayThread(settings) as relay:
         wait_streaming(db)
         with psycopg.connect(db.secret()) as conn:

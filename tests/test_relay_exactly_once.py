@@ -7,6 +7,7 @@ import signal
 import time
 
 import psycopg
+import pytest
 from kafka import KafkaProducer
 
 from relay.pgoutput import str_to_lsn
@@ -18,14 +19,16 @@ from .relay_support import (
 )
 
 
-def test_read_committed_consumer_sees_each_event_once_across_restarts(db, kafka, topic_prefix):
-    with RelayThread(relay_settings(db, kafka, topic_prefix, delivery="exactly-once")) as relay:
+@pytest.mark.parametrize("kafka_client", ["kafka-python", "confluent-kafka"])
+def test_read_committed_consumer_sees_each_event_once_across_restarts(db, kafka, topic_prefix, kafka_client):
+    with RelayThread(relay_settings(db, kafka, topic_prefix, delivery="exactly-once",
+                                    kafka_client=kafka_client)) as relay:
         wait_streaming(db)
         emit_many(db, "order", 400, per_txn=50)
         wait_for(lambda: published(db) == 400, 60, "400 events")
         assert relay.stop() == 0
     emit_many(db, "order", 100, per_txn=10)
-    with RelayThread(relay_settings(db, kafka, topic_prefix, delivery="exactly-once")):
+    with RelayThread(relay_settings(db, kafka, topic_prefix, delivery="exactly-once", kafka_client=kafka_client)):
         records = read_topic(kafka, f"{topic_prefix}.order", expect=500, isolation="read_committed", settle=2.0)
     ids = [dict(r.headers)["event_id"] for r in records]
     assert len(ids) == 500 and len(set(ids)) == 500

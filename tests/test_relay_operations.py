@@ -74,9 +74,10 @@ def test_standby_takes_over_within_seconds_when_the_active_relay_is_killed(db, k
     assert takeover < 10
 
 
-def test_unpublishable_events_are_dead_lettered_and_the_rest_flow(db, kafka, topic_prefix):
+@pytest.mark.parametrize("kafka_client", ["kafka-python", "confluent-kafka"])
+def test_unpublishable_events_are_dead_lettered_and_the_rest_flow(db, kafka, topic_prefix, kafka_client):
     huge = {"blob": "x" * 1_200_000}  # over the 1 MiB record limit
-    with RelayThread(relay_settings(db, kafka, topic_prefix)):
+    with RelayThread(relay_settings(db, kafka, topic_prefix, kafka_client=kafka_client)):
         wait_streaming(db)
         ids = emit(db, [
             ("order", "1", "Small", {"n": 1}, {}),

@@ -176,7 +176,7 @@ def test_sasl_password_is_masked_everywhere_and_reaches_every_kafka_client(monke
     (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
     monkeypatch.setenv("OUTBOX_KAFKA_SSL_CAFILE", str(tmp_path / "ca.pem"))
     s = load_settings()
-    assert s.kafka_client() == {
+    assert s.kafka_client_options() == {
         "bootstrap_servers": ["127.0.0.1:9092"], "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
         "sasl_plain_username": "relay", "sasl_plain_password": password, "ssl_cafile": str(tmp_path / "ca.pem")}
     assert s.kafka_description == "127.0.0.1:9092 (SASL_SSL, SCRAM-SHA-512 as 'relay')"
