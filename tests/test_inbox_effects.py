@@ -320,7 +320,7 @@ def test_call_lasting_three_leases_keeps_its_lease_renewed_and_records_while_oth
     assert len(provider.charges()) == 1 and posts(provider, key) == ["ok"]
 
 
-def test_renewal_that_finds_the_lease_token_gone_makes_the_attempt_record_nothing(db, client, provider):
+def test_renewal_that_finds_the_lease_token_gone_makes_the_attempt_record_nothing(db, client, provider, caplog):
     """While A's call runs, its lease changes hands behind its back (here: expired and declared
     unknown, as a worker finding it expired after a stall would do). A's next renewal finds its
     token gone; when the call returns, A records nothing and raises EffectLeaseLost."""
@@ -334,6 +334,7 @@ def test_renewal_that_finds_the_lease_token_gone_makes_the_attempt_record_nothin
         return client.charge(k, 2500, "EUR")
 
     outcome = []
+    caplog.set_level("WARNING", logger="inbox.effects")
     with Effects(db, lease_s=1.5, owner="worker-a") as a:
         thread = threading.Thread(target=lambda: outcome.append(_attempt(a, key, call)))
         thread.start()
@@ -348,6 +349,8 @@ def test_renewal_that_finds_the_lease_token_gone_makes_the_attempt_record_nothin
     assert (outcome[0].holder, outcome[0].status) == (None, "unknown")
     assert (row["status"], row["response"], row["lease_token"]) == ("unknown", None, None)
     assert [e["what"] for e in row["evidence"]] == ["lease", "lease_lost"]
+    # Noticed by the renewal while the call was still running, not only by the final compare-and-set.
+    assert any("the lease of worker-a is gone" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def _attempt(effects, key, call):
