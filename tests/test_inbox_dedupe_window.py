@@ -61,6 +61,10 @@ def test_topic_with_infinite_retention_is_covered_only_by_an_inbox_that_is_never
     create_topic(kafka, topic, configs={"retention.ms": "-1"})
     with pytest.raises(InboxError, match=r"keeps records forever \(retention.ms=-1"):
         runner(db, kafka, topic, retention_window_s=365 * 86_400).run()
+    compacted = f"{topic_prefix}.compacted"
+    create_topic(kafka, compacted, configs={"cleanup.policy": "compact", "retention.ms": str(DAY_MS)})
+    with pytest.raises(InboxError, match=rf"topic {compacted} keeps records forever"):
+        runner(db, kafka, compacted, retention_window_s=365 * 86_400).run()
     produce(kafka, topic, [(b"acc-1", deposit("acc-1", 1), headers_for(uuid.uuid4()))])
     bg = Background(runner(db, kafka, topic, retention_window_s=math.inf))
     caught_up(db, "windowed", kafka, topic)
