@@ -69,3 +69,17 @@ def test_topic_with_infinite_retention_is_covered_only_by_an_inbox_that_is_never
     bg = Background(runner(db, kafka, topic, retention_window_s=math.inf))
     caught_up(db, "windowed", kafka, topic)
     assert bg.stop().processed == 1
+
+
+def test_pattern_subscription_checks_each_topic_as_it_is_assigned_and_refuses_a_short_window(db, kafka, topic_prefix):
+    topic = f"{topic_prefix}.deposits"
+    create_topic(kafka, topic, configs={"retention.ms": str(3 * DAY_MS)})
+    produce(kafka, topic, [(b"acc-1", deposit("acc-1", 1), headers_for(uuid.uuid4()))])
+    handled = []
+    bg = Background(Runner("windowed", lambda conn, msg: handled.append(msg), dsn=db, bootstrap=kafka,
+                           pattern=f"{topic_prefix}\\..*", poll_timeout_s=0.2, retention_window_s=86_400))
+    bg.thread.join(60)
+    assert not bg.thread.is_alive(), "the runner kept running"
+    assert len(bg.error) == 1 and isinstance(bg.error[0], InboxError), bg.error
+    assert f"topic {topic} keeps records for 3 days" in str(bg.error[0])
+    assert handled == []
