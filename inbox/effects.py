@@ -329,7 +329,6 @@ class _LeaseRenewal:
 
     def __init__(self, effects: Effects, key: str, token: uuid.UUID):
         self.effects, self.key, self.token = effects, key, token
-        self.lost = False
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"effect-lease:{key[:40]}", daemon=True)
         self._thread.start()
@@ -344,7 +343,6 @@ class _LeaseRenewal:
                             self.effects.owner, codec.describe_error(exc), interval)
                 continue
             if not held:
-                self.lost = True
                 log.warning("effect %s: the lease of %s is gone (expired and taken over, or settled by an "
                             "operator) while its call is still running; its result will not be recorded",
                             self.key, self.effects.owner)

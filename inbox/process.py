@@ -9,8 +9,8 @@ handler's state agree: an event's effect in this database happens exactly once.
 When the handler raises, the batch is rolled back, the records before the failing one are
 committed in a batch of their own, and the failing record is retried alone with exponential
 backoff; after `max_attempts` it is dead-lettered and its partition moves on. A handler that
-raises NonRetryable says retrying is pointless: that record is dead-lettered after its first attempt. Per-partition order
-is preserved throughout.
+raises NonRetryable says retrying is pointless: that record is dead-lettered after that attempt.
+Per-partition order is preserved throughout.
 
 Records are handled in (topic, partition) order, each partition in the order given: two instances
 holding the same partitions for a moment (a rebalance) then take their row locks in the same order
