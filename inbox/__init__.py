@@ -13,7 +13,8 @@ idempotency-key ledger for effects outside it. See docs/inbox.md.
 from inbox.consumer import Runner, run_consumer
 from inbox.effects import EffectResult, Effects, Reconciled
 from inbox.errors import (DefiniteFailure, EffectError, EffectInProgress, EffectLeaseLost, EffectMismatch,
-                          InboxError, OutcomeUnknown)
+                          InboxError, NonRetryable, OutcomeUnknown)
+from inbox.handlers import Handlers, PayloadInvalid, UnknownEventType
 from inbox.message import Message
 from inbox.process import BatchResult, Handler, process
 from inbox.replay import replay_requested
@@ -23,6 +24,6 @@ from inbox.store import load_positions
 
 __all__ = [
     "BatchResult", "DefiniteFailure", "EffectError", "EffectInProgress", "EffectLeaseLost", "EffectMismatch", "EffectResult", "Effects",
-    "Handler", "InboxError", "Message", "OutcomeUnknown", "PurgeReport", "Reconciled", "RetryPolicy", "Runner",
+    "Handler", "Handlers", "InboxError", "Message", "NonRetryable", "OutcomeUnknown", "PayloadInvalid", "PurgeReport", "Reconciled", "RetryPolicy", "Runner", "UnknownEventType",
     "load_positions", "process", "purge", "replay_requested", "run_consumer",
 ]

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import signal
 import threading
@@ -30,16 +31,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import psycopg
 from kafka import KafkaConsumer, TopicPartition
+from kafka.admin import KafkaAdminClient
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
-from inbox import store
+from inbox import horizon, store
 from inbox.errors import InboxError
 from inbox.plan import plan_batch
 from inbox.process import BatchResult, Handler, check_consumer_name, process
 from inbox.replay import replay_requested
 from inbox.retry import DEFAULT_POLICY, RetryPolicy
 from relay.redact import Dsn, redact
+from relay.settings import Settings
 
 log = logging.getLogger("inbox")
 
@@ -52,6 +55,7 @@ _by_partition = operator.itemgetter(0)
 class DatabaseLost(Exception):
     """The worker's PostgreSQL connection is gone; the Runner reconnects and resumes."""
 SAME_AS_CONSUMER = object()  # group_id default: the consumer name
+DEFAULT_RETENTION_WINDOW_S = Settings.model_fields["inbox_retention_days"].default * horizon.DAY_S
 
 
 class Runner:
@@ -59,7 +63,8 @@ class Runner:
                  topics: Sequence[str] = (), pattern: str | None = None,
                  partitions: Sequence[tuple[str, int]] | None = None, group_id: str | None | object = SAME_AS_CONSUMER,
                  policy: RetryPolicy = DEFAULT_POLICY, max_poll_records: int = 2000, poll_timeout_s: float = 1.0,
-                 replay_check_s: float = 5.0, kafka_config: Mapping | None = None):
+                 replay_check_s: float = 5.0, kafka_config: Mapping | None = None,
+                 retention_window_s: float | None = None, allow_short_dedupe_window: bool = False):
         """consumer    the inbox's name for this logical consumer (also the Kafka group by default)
         topics / pattern / partitions   what to read: a subscription (group-managed) or fixed partitions
         group_id    Kafka consumer group; defaults to the consumer name. None (fixed partitions only):
@@ -68,7 +73,12 @@ class Runner:
                     500 because each batch costs the worker thread a few round trips, and every round
                     trip waits for the GIL held by the polling thread (measured: 0.62 of the bare
                     consume rate at 500, 0.76 at 2000; bench/results/).
-        kafka_config    extra KafkaConsumer settings, e.g. group_instance_id for static membership"""
+        kafka_config    extra KafkaConsumer settings, e.g. group_instance_id for static membership
+        retention_window_s  how long `outbox inbox purge` keeps inbox rows (OUTBOX_INBOX_RETENTION_DAYS;
+                    from_settings passes it; the settings' default otherwise). math.inf: never purged.
+                    At start, refused if shorter than a subscribed topic's retention.ms
+        allow_short_dedupe_window  start anyway (with a warning): for handlers that tolerate
+                    duplicates older than the window"""
         check_consumer_name(consumer)
         if sum(bool(x) for x in (topics, pattern, partitions)) != 1:
             raise InboxError("give exactly one of topics=[...], pattern='...' or partitions=[(topic, partition)]")
@@ -80,6 +90,11 @@ class Runner:
         self.partitions = [TopicPartition(t, p) for t, p in partitions or ()]
         self.poll_timeout_ms = int(poll_timeout_s * 1000)
         self.replay_check_s = replay_check_s
+        self.retention_window_s = DEFAULT_RETENTION_WINDOW_S if retention_window_s is None else retention_window_s
+        if not self.retention_window_s > 0:
+            raise InboxError(f"retention_window_s must be positive, got {retention_window_s}")
+        self.allow_short_dedupe_window = allow_short_dedupe_window
+        self._checked_topics: set[str] = set()
         config = dict(kafka_config or {})
         if config.get("enable_auto_commit"):
             raise InboxError("enable_auto_commit must stay off: the inbox commits offsets in PostgreSQL itself")
@@ -124,6 +139,7 @@ class Runner:
     def from_settings(cls, settings, consumer: str, handler: Handler, **kwargs) -> "Runner":
         kwargs.setdefault("policy", RetryPolicy.from_settings(settings))
         kwargs.setdefault("max_poll_records", settings.inbox_poll_records)
+        kwargs.setdefault("retention_window_s", settings.inbox_retention_days * horizon.DAY_S)
         kwargs["kafka_config"] = {**settings.kafka_security(), **(kwargs.get("kafka_config") or {})}
         return cls(consumer, handler, dsn=settings.require_database_url(), bootstrap=settings.kafka_servers, **kwargs)
 
@@ -141,6 +157,8 @@ class Runner:
         the offsets stored in PostgreSQL."""
         if self._worker is not None:
             raise InboxError("a Runner runs once; create a new one to run again")
+        # Before joining the group: a consumer that would apply old redeliveries twice must not start.
+        self._check_dedupe_window(self.topics or {tp.topic for tp in self.partitions})
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inbox-{self.consumer}")
         kc = KafkaConsumer(**self.kafka_config)
         log.info("inbox consumer %s starting: group %s, %s, PostgreSQL %s", self.consumer,
@@ -330,8 +348,30 @@ class Runner:
             if not self._stopping.is_set():
                 self._interrupt.clear()
 
+    def _check_dedupe_window(self, topics) -> None:
+        """See inbox/horizon.py. Each topic once per run; a pattern's topics as they get assigned."""
+        topics = set(topics) - self._checked_topics
+        if not topics or math.isinf(self.retention_window_s):
+            return
+        admin_config = {k: v for k, v in self.kafka_config.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
+        admin_config["client_id"] = f"inbox-{self.consumer}-admin"
+        try:
+            horizons = horizon.topic_horizons(admin_config, topics)
+        except Exception as exc:  # noqa: BLE001 - judged like a topic whose config is unreadable
+            horizons = {t: f"its configuration could not be read ({redact(str(exc))})" for t in topics}
+        horizon.check_window(self.consumer, self.retention_window_s, horizons,
+                             allow_short=self.allow_short_dedupe_window)
+        self._checked_topics |= topics
+
     def _position(self, kc: KafkaConsumer, assigned) -> None:
         wanted = [(tp.topic, tp.partition) for tp in assigned]
+        if self.pattern:
+            try:
+                self._check_dedupe_window({tp.topic for tp in assigned})
+            except InboxError as exc:
+                self._listener_error = exc  # raised by run(); the partitions stay paused meanwhile
+                kc.pause(*assigned)
+                return
         if self._db_lost_since is not None:
             kc.pause(*assigned)  # positioned by _reconnect once PostgreSQL is back
             return

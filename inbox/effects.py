@@ -8,6 +8,10 @@
 - Before calling, the key is leased in the ledger and that lease is COMMITTED on the ledger's own
   connection (never the handler's transaction, which could still roll back and erase the proof
   that a call was about to happen).
+- While the call runs, the lease is renewed every lease_s/3 (compare-and-set on the attempt's
+  lease token), so a long call is not mistaken for a dead one. If a renewal finds the token gone
+  (the lease expired during a stall and another attempt took the key over), the attempt records
+  nothing when its call returns and raises EffectLeaseLost.
 - The call gets the key and must pass it to the provider (e.g. an Idempotency-Key header).
 - Success or a definite failure (the call raises DefiniteFailure) is stored; every later attempt
   with the key returns it without calling, marked `replayed`.
@@ -28,7 +32,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -231,9 +234,12 @@ class Effects:
         return "leased" if row else "retry"
 
     def _call(self, key: str, token: uuid.UUID, call: Call) -> EffectResult:
-        started = time.monotonic()
+        renewal = _LeaseRenewal(self, key, token)
         try:
-            response = call(key)
+            try:
+                response = call(key)
+            finally:
+                renewal.stop()
         except DefiniteFailure as exc:
             return self._record(key, "failed", exc.response, "call", token)
         except BaseException as exc:
@@ -242,12 +248,18 @@ class Effects:
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt, SystemExit: still recorded as unknown above
             raise OutcomeUnknown(key, f"the call failed without a definite answer ({error})") from exc
-        elapsed = time.monotonic() - started
-        if elapsed > self.lease_s:
-            log.warning("effect %s: the call took %.1f s, longer than the %.1f s lease; another worker may have "
-                        "treated its outcome as unknown meanwhile. Fix: give the call a timeout below the lease "
-                        "(OUTBOX_EFFECT_LEASE_S)", key, elapsed, self.lease_s)
+        # A lost renewal needs no branch of its own: the token it could not find is gone for good
+        # (tokens are never reused), so _record's compare-and-set refuses and raises EffectLeaseLost.
         return self._record(key, "succeeded", response, "call", token)
+
+    def _renew(self, key: str, token: uuid.UUID) -> bool:
+        """Extend our lease; False when the token is gone (expired and taken over, or settled by an
+        operator): from then on this attempt must not record anything."""
+        with self._lock:
+            return self._connection().execute(
+                "UPDATE outbox.effects SET lease_expires_at = now() + make_interval(secs => %(lease)s) "
+                "WHERE key = %(key)s AND status = 'in_progress' AND lease_token = %(token)s",
+                {"key": key, "token": token, "lease": self.lease_s}).rowcount == 1
 
     def _record(self, key, status, response, via, token: uuid.UUID | None = None) -> EffectResult | str:
         """Store a definite outcome. With `token` (the outcome of our own call) only while we still
@@ -307,3 +319,35 @@ class Effects:
             self._conn = psycopg.connect(self.dsn.secret(), autocommit=True, connect_timeout=15,
                                          application_name="inbox-effects")
         return self._conn
+
+
+class _LeaseRenewal:
+    """Keeps an attempt's lease alive while its call runs, so a call may take longer than lease_s
+    without another worker declaring its outcome unknown; lease_s then only bounds how long a
+    worker that died mid-call keeps the key busy. Renews every lease_s/3: two renewals can fail
+    (a slow statement, a brief disconnect) before the lease runs out."""
+
+    def __init__(self, effects: Effects, key: str, token: uuid.UUID):
+        self.effects, self.key, self.token = effects, key, token
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"effect-lease:{key[:40]}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = self.effects.lease_s / 3
+        while not self._stopped.wait(interval):
+            try:
+                held = self.effects._renew(self.key, self.token)
+            except Exception as exc:  # noqa: BLE001 - the lease may still be alive: try again next time
+                log.warning("effect %s: could not renew the lease of %s (%s); retrying in %.1f s", self.key,
+                            self.effects.owner, codec.describe_error(exc), interval)
+                continue
+            if not held:
+                log.warning("effect %s: the lease of %s is gone (expired and taken over, or settled by an "
+                            "operator) while its call is still running; its result will not be recorded",
+                            self.key, self.effects.owner)
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()

@@ -7,6 +7,13 @@ class InboxError(Exception):
     """The inbox cannot do what was asked; the message says why and how to fix it."""
 
 
+class NonRetryable(Exception):
+    """Raised by a handler when the record can never succeed (a malformed payload, a business rule
+    that rejects it for good): retrying would only delay the partition, so the record is
+    dead-lettered at once (attempts = 1). Every other exception keeps the retry policy. Chain the
+    cause (`raise NonRetryable("...") from exc`) to keep it in the dead letter's traceback."""
+
+
 class EffectError(Exception):
     """Base class of the effects ledger's refusals; `key` is the idempotency key concerned."""
 

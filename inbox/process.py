@@ -8,8 +8,9 @@ handler's state agree: an event's effect in this database happens exactly once.
 
 When the handler raises, the batch is rolled back, the records before the failing one are
 committed in a batch of their own, and the failing record is retried alone with exponential
-backoff; after `max_attempts` it is dead-lettered and its partition moves on. Per-partition order
-is preserved throughout.
+backoff; after `max_attempts` it is dead-lettered and its partition moves on. A handler that
+raises NonRetryable says retrying is pointless: that record is dead-lettered after that attempt.
+Per-partition order is preserved throughout.
 
 Records are handled in (topic, partition) order, each partition in the order given: two instances
 holding the same partitions for a moment (a rebalance) then take their row locks in the same order
@@ -34,7 +35,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from inbox import codec, store
-from inbox.errors import InboxError
+from inbox.errors import InboxError, NonRetryable
 from inbox.message import Message, Record
 from inbox.plan import Partition, Plan, plan_batch
 from inbox.retry import DEFAULT_POLICY, RetryPolicy
@@ -218,7 +219,8 @@ class _Batch:
 
     def _retry_alone(self, record: Record, attempts: int, error: Exception, first_failed: datetime) -> bool:
         """Retry one failing record with backoff, then dead-letter it. False if interrupted first."""
-        while attempts < self.policy.max_attempts:
+        # Checked here, off the hot path: only a record that already failed pays for it.
+        while attempts < self.policy.max_attempts and not isinstance(error, NonRetryable):
             delay = self.policy.delay(attempts)
             if not self._may_wait(delay):
                 return False
@@ -287,7 +289,7 @@ class _Batch:
                 self.result.unprocessed[tp] = r.offset
 
     def _log_failure(self, record: Record, attempt: int, exc: Exception) -> None:
-        more = attempt < self.policy.max_attempts
+        more = attempt < self.policy.max_attempts and not isinstance(exc, NonRetryable)
         log.warning("handler of consumer %s failed on %s[%d]@%d (attempt %d/%d): %s%s", self.consumer,
                     record.topic, record.partition, record.offset, attempt, self.policy.max_attempts,
                     codec.describe_error(exc), "; will retry" if more else "; dead-lettering")

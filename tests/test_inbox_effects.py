@@ -178,9 +178,11 @@ def test_worker_killed_after_the_charge_leaves_an_unknown_outcome_reconciled_wit
     assert len(provider.charges()) == 1 and posts(provider, "charge:order-10") == ["ok"]
 
 
-def test_attempt_whose_lease_was_taken_over_does_not_settle_the_key_and_raises_lease_lost(db, client, provider):
-    """Worker A's call outlives its 1 s lease; worker B takes the key over (same key, idempotent
-    provider) and is still calling when A's call returns. A must not settle the key under B's lease."""
+def test_attempt_whose_lease_was_taken_over_does_not_settle_the_key_and_raises_lease_lost(db, client, provider,
+                                                                                          monkeypatch):
+    """Worker A's call outlives its 1 s lease and A's renewals cannot reach PostgreSQL (a network
+    partition, a stalled host); worker B takes the key over (same key, idempotent provider) and is
+    still calling when A's call returns. A must not settle the key under B's lease."""
     key = "charge:order-stale"
     a_expired, b_calling, a_finished = threading.Event(), threading.Event(), threading.Event()
     outcome_a = []
@@ -197,6 +199,11 @@ def test_attempt_whose_lease_was_taken_over_does_not_settle_the_key_and_raises_l
         return client.charge(k, 2500, "EUR")
 
     with Effects(db, lease_s=1, owner="worker-a") as a, Effects(db, lease_s=30, owner="worker-b") as b:
+        def unreachable(key, token):
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        monkeypatch.setattr(a, "_renew", unreachable)
+
         def run_a():
             try:
                 outcome_a.append(a.run(key, REQUEST, call_a))
@@ -260,3 +267,94 @@ def test_definite_failure_is_raised_by_the_provider_client(client, provider):
         client.charge("k-decline", 100, "EUR")
     assert err.value.response["error"] == "card_declined"
     assert client.lookup("k-never-seen") == Reconciled.absent()
+
+
+def test_call_lasting_three_leases_keeps_its_lease_renewed_and_records_while_others_get_in_progress(
+        db, client, provider):
+    """Lease 1 s, call 3 s: the lease is renewed while the call runs, so worker B (even declaring the
+    provider idempotent, which would let it take an expired key over) is told to wait, and A's
+    result is recorded as the first and only attempt."""
+    key = "charge:order-long"
+    inside, done = threading.Event(), threading.Event()
+    outcome = []
+
+    def long_call(k):
+        inside.set()
+        time.sleep(3.0)
+        return client.charge(k, 2500, "EUR")
+
+    with Effects(db, lease_s=1, owner="worker-a") as a, Effects(db, lease_s=1, owner="worker-b") as b:
+        def run_a():
+            try:
+                outcome.append(a.run(key, REQUEST, long_call))
+            except Exception as exc:  # noqa: BLE001 - inspected below
+                outcome.append(exc)
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=run_a)
+        thread.start()
+        assert inside.wait(10)
+        started = time.monotonic()
+        refused, expiries = [], set()
+        while not done.is_set():
+            time.sleep(0.4)
+            if done.is_set():
+                break
+            row = b.get(key)
+            if row["status"] != "in_progress":
+                break
+            expiries.add(row["lease_expires_at"])
+            with pytest.raises(EffectInProgress) as err:
+                b.run(key, REQUEST, never, idempotent=True, reconcile=lambda k, r: Reconciled.absent())
+            assert err.value.owner == "worker-a"
+            refused.append(time.monotonic() - started)
+        thread.join(10)
+        row = a.get(key)
+    assert len(outcome) == 1 and not isinstance(outcome[0], Exception), outcome
+    assert outcome[0].ok and outcome[0].attempts == 1 and not outcome[0].replayed
+    assert refused and max(refused) > 2.0  # long after the first 1 s lease would have expired
+    assert len(expiries) >= 3  # the expiry moved forward while the call ran
+    assert (row["status"], row["attempts"], row["lease_owner"]) == ("succeeded", 1, None)
+    assert [e["what"] for e in row["evidence"]] == ["lease", "succeeded"]
+    assert len(provider.charges()) == 1 and posts(provider, key) == ["ok"]
+
+
+def test_renewal_that_finds_the_lease_token_gone_makes_the_attempt_record_nothing(db, client, provider, caplog):
+    """While A's call runs, its lease changes hands behind its back (here: expired and declared
+    unknown, as a worker finding it expired after a stall would do). A's next renewal finds its
+    token gone; when the call returns, A records nothing and raises EffectLeaseLost."""
+    key = "charge:order-fenced"
+    inside, taken = threading.Event(), threading.Event()
+
+    def call(k):
+        inside.set()
+        assert taken.wait(10)
+        time.sleep(1.0)  # past at least one renewal (every lease_s / 3)
+        return client.charge(k, 2500, "EUR")
+
+    outcome = []
+    caplog.set_level("WARNING", logger="inbox.effects")
+    with Effects(db, lease_s=1.5, owner="worker-a") as a:
+        thread = threading.Thread(target=lambda: outcome.append(_attempt(a, key, call)))
+        thread.start()
+        assert inside.wait(10)
+        with psycopg.connect(db.secret(), autocommit=True) as other:
+            other.execute("UPDATE outbox.effects SET status = 'unknown', lease_owner = NULL, lease_token = NULL, "
+                          "lease_expires_at = NULL, last_error = 'expired' WHERE key = %s", (key,))
+        taken.set()
+        thread.join(15)
+        row = a.get(key)
+    assert len(outcome) == 1 and isinstance(outcome[0], EffectLeaseLost), outcome
+    assert (outcome[0].holder, outcome[0].status) == (None, "unknown")
+    assert (row["status"], row["response"], row["lease_token"]) == ("unknown", None, None)
+    assert [e["what"] for e in row["evidence"]] == ["lease", "lease_lost"]
+    # Noticed by the renewal while the call was still running, not only by the final compare-and-set.
+    assert any("the lease of worker-a is gone" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def _attempt(effects, key, call):
+    try:
+        return effects.run(key, REQUEST, call)
+    except Exception as exc:  # noqa: BLE001 - inspected by the caller
+        return exc

@@ -124,3 +124,53 @@ def test_fingerprint_ignores_key_order_and_spacing_but_not_values():
 ])
 def test_effect_decisions(status, expired, same, expected):
     assert decide(Existing("fp", status, expired), "fp" if same else "other") is expected
+
+
+def test_dedupe_window_check_refuses_short_or_unreadable_horizons_and_warns_on_a_thin_margin(caplog):
+    import math
+
+    from inbox.horizon import DAY_S, check_window
+
+    check_window("c", 10 * DAY_S, {"a": 7 * DAY_S}, allow_short=False)  # 3 days to spare: silent
+    assert caplog.records == []
+    check_window("c", 7 * DAY_S, {"a": 7 * DAY_S}, allow_short=False)  # covered, but no margin
+    assert "less than 2 days to spare" in caplog.text and "OUTBOX_INBOX_RETENTION_DAYS=9" in caplog.text
+    with pytest.raises(InboxError) as err:
+        check_window("c", 7 * DAY_S, {"a": 7 * DAY_S + 1, "b": math.inf, "c": "its configuration could not be read"},
+                     allow_short=False)
+    text = str(err.value)
+    assert "topic a keeps records for 7.00001 days" in text and "OUTBOX_INBOX_RETENTION_DAYS=10" in text
+    assert "topic b keeps records forever" in text and "topic c: its configuration could not be read" in text
+    caplog.clear()
+    check_window("c", 3600, {"a": DAY_S}, allow_short=True)
+    assert "STARTING ANYWAY" in caplog.text and "inbox retention, 1 hour" in caplog.text
+
+
+def test_handlers_refuse_ambiguous_registrations_and_only_their_own_validation_is_final():
+    from pydantic import BaseModel, ValidationError
+
+    from inbox import Handlers, Message, NonRetryable, PayloadInvalid
+
+    class Ping(BaseModel):
+        n: int
+
+    with pytest.raises(InboxError, match="unknown='drop'"):
+        Handlers(unknown="drop")
+    handlers = Handlers()
+    handlers.on("Ping", Ping)(lambda conn, msg, ping: Ping.model_validate({"n": "not a number"}))
+    with pytest.raises(InboxError, match="already has a handler"):
+        handlers.on("Ping")(lambda conn, msg: None)
+    with pytest.raises(InboxError, match="already has a handler"):
+        handlers.ignore("Ping")
+
+    def message(value):
+        return Message(Rec("t", 0, 0, value, headers_for(A, event_type="Ping")), A, "c")
+
+    with pytest.raises(PayloadInvalid, match="n: Input should be a valid integer") as err:
+        handlers(None, message(b'{"n": "x"}'))
+    assert isinstance(err.value, NonRetryable)
+    with pytest.raises(PayloadInvalid, match="tombstone"):
+        handlers(None, message(None))
+    with pytest.raises(ValidationError) as inner:  # raised by the function itself: retried like any error
+        handlers(None, message(b'{"n": 1}'))
+    assert not isinstance(inner.value, NonRetryable)

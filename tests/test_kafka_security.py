@@ -18,7 +18,8 @@ from kafka.admin import (
 )
 
 from dashboard.kafka_lag import EndOffsets
-from inbox import Runner
+from inbox import InboxError, Runner
+from inbox.horizon import topic_horizons
 from relay.devstack.kafka import ApacheKafka, find_java
 from relay.settings import load_settings
 
@@ -108,9 +109,18 @@ def test_relay_inbox_and_dashboard_over_sasl_with_a_forbidden_topic_dead_lettere
     assert [(d[0], d[1]) for d in dead] == [(ids[1], "authorization")]
     assert "TopicAuthorizationFailedError" in dead[0][2] and "Fix: grant the relay's principal WRITE" in dead[0][2]
 
-    # The inbox consumes as `app`, with the same OUTBOX_KAFKA_* settings mechanism.
+    # The inbox consumes as `app`, with the same OUTBOX_KAFKA_* settings mechanism. READ alone is
+    # not enough: without DESCRIBE_CONFIGS the Runner cannot check its dedupe window and refuses.
     settings = load_settings(_env_file=None, database_url=db.secret(), kafka_bootstrap=bootstrap,
                              **sasl("app", APP_PASSWORD, ca))
+    with pytest.raises(InboxError, match=rf"topic {allowed}: its configuration could not be read .*DESCRIBE_CONFIGS"):
+        Runner.from_settings(settings, "app-billing", lambda conn, msg: None, topics=[allowed]).run()
+    assert admin.create_acls([ACL("User:app", "*", ACLOperation.DESCRIBE_CONFIGS, ACLPermissionType.ALLOW,
+                                  ResourcePattern(ResourceType.TOPIC, "ok.", ACLResourcePatternType.PREFIXED))]
+                             )["failed"] == []
+    admin_config = {"bootstrap_servers": bootstrap, **settings.kafka_security()}
+    wait_for(lambda: isinstance(topic_horizons(admin_config, [allowed])[allowed], float), 30,
+             "the DESCRIBE_CONFIGS grant to reach the broker's authorizer")
     seen = []
     runner = Runner.from_settings(settings, "app-billing", lambda conn, msg: seen.append(json.loads(msg.value)["n"]),
                                   topics=[allowed], poll_timeout_s=0.2)
