@@ -57,7 +57,9 @@ def test_dev_extra_pulls_every_other_extra():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     dev = project["optional-dependencies"]["dev"]
     self_ref = next(r for r in dev if r.startswith("pg-outbox-relay["))
-    assert set(self_ref.split("[")[1].rstrip("]").split(",")) == {"embedded", "codecs", "dashboard"}
+    others = set(project["optional-dependencies"]) - {"dev"}
+    assert set(self_ref.split("[")[1].rstrip("]").split(",")) == others == {"embedded", "codecs", "dashboard",
+                                                                            "confluent"}
 
 
 def test_wheel_ships_py_typed(wheel):
