@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from relay.pgoutput import lsn_to_str
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -90,10 +92,6 @@ class Checkpoint:
                    tuple(tuple(d) for d in doc.get("dead") or ()))
 
 
-def lsn_text(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
-
-
 def mismatch(checkpoint: Checkpoint, current: Identity, *, history: dict[int, int], wal_lsn: int,
              batch_known: bool) -> str | None:
     """Why `checkpoint` must not be used to skip anything in `current`, or None if it may.
@@ -117,12 +115,12 @@ def mismatch(checkpoint: Checkpoint, current: Identity, *, history: dict[int, in
             return (f"the checkpoint belongs to timeline {cp.timeline}, which is not an ancestor of this server's "
                     f"timeline {current.timeline}")
         if top >= ended:
-            return (f"the checkpoint covers WAL up to {lsn_text(top)} of timeline {cp.timeline}, but this server's "
-                    f"history left that timeline at {lsn_text(ended)} (point-in-time recovery, or failover to a "
+            return (f"the checkpoint covers WAL up to {lsn_to_str(top)} of timeline {cp.timeline}, but this server's "
+                    f"history left that timeline at {lsn_to_str(ended)} (point-in-time recovery, or failover to a "
                     f"replica that had not received everything): transactions after that point differ")
         return None
     if top > wal_lsn:
-        return (f"the checkpoint covers WAL up to {lsn_text(top)} but this server is only at {lsn_text(wal_lsn)} "
+        return (f"the checkpoint covers WAL up to {lsn_to_str(top)} but this server is only at {lsn_to_str(wal_lsn)} "
                 f"(restored from an older copy?)")
     if checkpoint.batch_id and not batch_known:
         return (f"the batch {checkpoint.batch_id} that wrote the checkpoint is not in outbox.relay_batches of this "

@@ -159,12 +159,12 @@ class Relay:
                 return
             log.info("relay %s is active for slot %s", s.relay_id, s.slot_name)
             server = identify_server(self.dsn)
-            self._check_recorded_identity(control, server)
+            dboid = self._check_recorded_identity(control, server)
             slots.ensure_publication(control, s.publication)
             snapshot = self._prepare_slot(control)
             state = slots.slot_state(control, s.slot_name)
             confirmed = str_to_lsn(state["confirmed_flush_lsn"] or "0/0")
-            identity = self.identity = self._identity(control, server)
+            identity = self.identity = self._identity(control, server, dboid)
 
             eos = s.delivery == "exactly-once"
             publisher = make_publisher(s, f"outbox-relay-{identity.key}" if eos else None)
@@ -215,7 +215,7 @@ class Relay:
 
     # ----- identity: what the recorded positions belong to
 
-    def _check_recorded_identity(self, control: psycopg.Connection, server: ServerPosition) -> None:
+    def _check_recorded_identity(self, control: psycopg.Connection, server: ServerPosition) -> int:
         """relay_status must describe this server: positions, xids and the watermark recorded on
         another one (the database restored from a dump into a new cluster) would skip or prune
         events that were never published."""
@@ -251,12 +251,12 @@ class Relay:
                         "WHERE slot_name = %s", (server.system_identifier, dboid, server.timeline, s.slot_name))
         if s.delivery != "exactly-once":
             self.reset_checkpoint = False  # nothing in Kafka to reset
+        return dboid
 
-    def _identity(self, control: psycopg.Connection, server: ServerPosition) -> Identity:
-        database, dboid, created = control.execute(
-            "SELECT current_database(), (SELECT oid FROM pg_database WHERE datname = current_database()), "
-            "coalesce(slot_created_lsn::text, '') FROM outbox.relay_status WHERE slot_name = %s",
-            (self.s.slot_name,)).fetchone()
+    def _identity(self, control: psycopg.Connection, server: ServerPosition, dboid: int) -> Identity:
+        database, created = control.execute(
+            "SELECT current_database(), coalesce(slot_created_lsn::text, '') FROM outbox.relay_status "
+            "WHERE slot_name = %s", (self.s.slot_name,)).fetchone()
         return Identity(server.system_identifier, server.timeline, int(dboid), database, self.s.slot_name, created)
 
     def _checkpoint(self, control: psycopg.Connection, publisher: Publisher, identity: Identity,

@@ -59,11 +59,15 @@ def prepare_batch(conn: psycopg.Connection, slot: str, batch: Batch) -> None:
                 insert_dead_letters(cur, slot, batch.batch_id, batch.dead)
 
 
-def record_progress(conn: psycopg.Connection, slot: str, relay_id: str, confirmed: int, watermark: str | None) -> None:
+def record_progress(conn: psycopg.Connection, slot: str, relay_id: str, confirmed: int, watermark: str | None,
+                    failover: tuple[bool | None, str, int | None]) -> None:
+    """Position, watermark and failover readiness (slot.failover_readiness()) in one statement."""
+    ready, detail, standby_lag = failover
     conn.execute("UPDATE outbox.relay_status SET confirmed_lsn = %s, watermark_txid = "
                  "CASE WHEN %s::text IS NULL THEN watermark_txid ELSE greatest(watermark_txid, %s::text::xid8) END, "
-                 "active_relay_id = %s, updated_at = now() WHERE slot_name = %s",
-                 (lsn_to_str(confirmed), watermark, watermark, relay_id, slot))
+                 "active_relay_id = %s, failover_ready = %s, failover_detail = %s, standby_lag_bytes = %s, "
+                 "updated_at = now() WHERE slot_name = %s",
+                 (lsn_to_str(confirmed), watermark, watermark, relay_id, ready, detail, standby_lag, slot))
     heartbeat(conn, relay_id, "active")
 
 

@@ -29,9 +29,11 @@ from relay.bookkeeper import CLOSE, OPEN, PERSIST, SEND, Batch, Bookkeeper, Fail
 from relay.checkpoint import Checkpoint
 from relay.ledger import Ledger, Outcome
 from relay.metrics import RelayMetrics
-from relay.pgoutput import Begin, Commit, Delete, Insert, Relation, Truncate, Update, decode, insert_at, str_to_lsn
+from relay.pgoutput import (
+    PG_EPOCH_UNIX_US, Begin, Commit, Delete, Insert, Relation, Truncate, Update, decode, insert_at, str_to_lsn,
+)
 from relay.publisher import Fenced, Publisher, TopicProvisioner, classify
-from relay.replication import Keepalive, ReplicationStream, XLogData, now_pg, parse_frame
+from relay.replication import ReplicationStream, XLogData, now_pg, parse_frame
 from relay.router import Layout, Router, RouteError, SchemaError, Txn
 from relay.settings import Settings
 from relay.slot import PUBLICATION_GONE_FIX, FatalError, failover_readiness
@@ -328,7 +330,7 @@ class Pipeline:
                       dead.error)
         if outcome.batch.first_lsn == 0:
             return  # backfilled: their commit time is unknown, they would only distort the histogram
-        base = outcome.done_at - 946_684_800  # Unix seconds of the PostgreSQL epoch
+        base = outcome.done_at - PG_EPOCH_UNIX_US / 1e6
         observe = m.latency.observe
         for ts in outcome.batch.commit_ts:
             observe(base - ts / 1e6)
@@ -411,12 +413,10 @@ class Pipeline:
         self.metrics.slot_lag_seconds.set(max(0.0, (now_pg() - oldest) / 1e6) if oldest is not None else 0.0)
         self.metrics.inflight_events.set(bk.inflight_events)
         self.metrics.inflight_bytes.set(bk.inflight_bytes)
-        ledger_sql.record_progress(c, self.s.slot_name, self.s.relay_id, bk.confirmed, self.watermark)
-        ready, detail, standby_lag = failover_readiness(c, self.s.slot_name)
-        self.metrics.failover_ready.set(-1 if ready is None else int(ready))
-        self.metrics.standby_lag_bytes.set(standby_lag or 0)
-        c.execute("UPDATE outbox.relay_status SET failover_ready = %s, failover_detail = %s, standby_lag_bytes = %s "
-                  "WHERE slot_name = %s", (ready, detail, standby_lag, self.s.slot_name))
+        failover = failover_readiness(c, self.s.slot_name)
+        self.metrics.failover_ready.set(-1 if failover[0] is None else int(failover[0]))
+        self.metrics.standby_lag_bytes.set(failover[2] or 0)
+        ledger_sql.record_progress(c, self.s.slot_name, self.s.relay_id, bk.confirmed, self.watermark, failover)
 
     def _heartbeat(self) -> None:
         # A tiny transaction in this database gives the slot a position to confirm (and its
