@@ -10,6 +10,7 @@ ARG EXTRAS=codecs,dashboard
 RUN python -m venv /opt/outbox
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY outbox outbox
 COPY relay relay
 COPY inbox inbox
 COPY dashboard dashboard

@@ -55,8 +55,8 @@ def consumer_main(name: str, provider_url: str) -> int:
     import logging
 
     from inbox import Effects, RetryPolicy, Runner, run_consumer
-    from inbox.fake_provider import ProviderClient
-    from relay.settings import load_settings
+    from outbox.core.settings import load_settings
+    from outbox.demo.fake_provider import ProviderClient
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=f"%(asctime)s {name} %(name)s %(message)s")
     settings = load_settings()
@@ -137,10 +137,10 @@ class Chaos:
         self.log_dir = ROOT / "logs"
 
     def run(self) -> int:
-        from inbox.fake_provider import FakeProvider
-        from relay.devstack import DevStack
-        from relay.migrate import migrate
-        from relay.settings import load_settings
+        from outbox.core.migrate import migrate
+        from outbox.core.settings import load_settings
+        from outbox.demo.fake_provider import FakeProvider
+        from outbox.devstack.stack import DevStack
 
         print(f"chaos seed {self.args.seed} (--seed {self.args.seed} to replay), {self.args.faults} faults, "
               f"delivery {self.args.delivery}", flush=True)
@@ -187,7 +187,7 @@ class Chaos:
         return env
 
     def _start(self, name: str) -> None:
-        argv = ([sys.executable, "-m", "relay.cli", "relay"] if name.startswith("relay") else
+        argv = ([sys.executable, "-m", "outbox.cli", "relay"] if name.startswith("relay") else
                 [sys.executable, "-m", "bench.chaos", "--consumer", name, "--provider", self.provider.url])
         log = open(self.log_dir / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(argv, env=self._env(name), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -307,7 +307,7 @@ class Chaos:
                    "the consumers to catch up")
 
     def _verdict(self) -> int:
-        from tests.helpers import read_topic  # the same independent reader the tests use
+        from tests.support.helpers import read_topic  # the same independent reader the tests use
 
         p = self.producer
         present = {r[0] for r in self._q("SELECT event_id::text FROM outbox.events")}

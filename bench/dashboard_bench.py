@@ -34,9 +34,9 @@ from kafka.errors import TopicAlreadyExistsError
 from dashboard import health, queries
 from dashboard.db import Database
 from dashboard.kafka_lag import EndOffsets
-from relay.devstack import DevStack
-from relay.migrate import migrate
-from relay.settings import load_settings
+from outbox.core.migrate import migrate
+from outbox.core.settings import load_settings
+from outbox.devstack.stack import DevStack
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / ".outbox" / "bench"

@@ -30,10 +30,10 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from inbox import Runner
-from relay.devstack import DevStack
-from relay.envelope import build_headers
-from relay.migrate import migrate
-from relay.settings import load_settings
+from outbox.core.envelope import build_headers
+from outbox.core.migrate import migrate
+from outbox.core.settings import load_settings
+from outbox.devstack.stack import DevStack
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / ".outbox" / "bench"

@@ -32,15 +32,16 @@ from pathlib import Path
 import psycopg
 from kafka import KafkaProducer
 
+from outbox.core.lsn import str_to_lsn
+from outbox.core.migrate import migrate
+from outbox.core.settings import load_settings
+from outbox.devstack.postgres import binaries
+from outbox.devstack.stack import DevStack
 from relay.daemon import Relay
-from relay.devstack import DevStack
-from relay.devstack.postgres import binaries
-from relay.migrate import migrate
-from relay.pgoutput import Relation, decode, insert_at, str_to_lsn
+from relay.pgoutput import Relation, decode, insert_at
 from relay.publisher import Publisher, compression, ensure_topic, producer_config
 from relay.replication import Keepalive, ReplicationStream, parse_frame
 from relay.router import TABLE_LAYOUT, Layout, Router, Txn
-from relay.settings import load_settings
 
 RESULTS = Path(__file__).parent / "results"
 PAYLOAD = 180  # bytes of padding: the JSON value is ~200 B

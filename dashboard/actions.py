@@ -11,7 +11,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from dashboard.db import DashboardError, connect
-from relay.redact import Dsn, redact
+from outbox.core.redact import Dsn, redact
 
 Decision = Literal["succeeded", "failed", "reattempt"]
 

@@ -7,11 +7,11 @@ from datetime import datetime, timezone
 
 import streamlit as st
 
-from dashboard.db import Database, DashboardError
+from dashboard.db import DashboardError, Database
 from dashboard.kafka_lag import EndOffsets
 from dashboard.views import dead_letters, duplicates, in_flight, overview, trace, unknown
 from dashboard.views.common import Context
-from relay.settings import ConfigError, load_settings
+from outbox.core.settings import ConfigError, load_settings
 
 VIEWS = {
     "Overview": overview.render,

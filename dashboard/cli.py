@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 from dashboard import MAX_IN_FLIGHT_AGE_S, STALLED_AFTER_S
-from relay.settings import Settings
+from outbox.core.commands import DASHBOARD_MODULES, missing_extra
+from outbox.core.exits import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from outbox.core.settings import Settings
 
-EXIT_OK, EXIT_FAILED, EXIT_ATTENTION = 0, 1, 3
 APP = Path(__file__).resolve().parent / "app.py"
 
 
@@ -46,8 +47,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _needs_extra(command: str) -> int | None:
-    from relay.cli import DASHBOARD_MODULES, EXIT_USAGE, missing_extra
-
     if (problem := missing_extra(DASHBOARD_MODULES, "dashboard", command)) is not None:
         print(problem, file=sys.stderr)
         return EXIT_USAGE

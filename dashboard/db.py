@@ -14,8 +14,8 @@ from contextlib import contextmanager
 import psycopg
 from psycopg import IsolationLevel, sql
 
-from relay.redact import Dsn, redact
-from relay.settings import Settings
+from outbox.core.redact import Dsn, redact
+from outbox.core.settings import Settings
 
 # A page must never hang the app: a query running this long is cut off with an error.
 STATEMENT_TIMEOUT_MS = 5_000

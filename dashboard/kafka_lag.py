@@ -9,7 +9,7 @@ import time
 
 from kafka import KafkaConsumer, TopicPartition
 
-from relay.redact import redact
+from outbox.core.redact import redact
 
 log = logging.getLogger("outbox.dashboard")
 

@@ -8,12 +8,13 @@ so that the layout never has to convert types.
 from __future__ import annotations
 
 import json
-import shlex
 import uuid
 from dataclasses import dataclass, field
 
 import pandas as pd
 import psycopg
+
+from outbox.core import commands
 
 # A relay that has not written its heartbeat for this long is gone (killed, host down, network):
 # active relays heartbeat every OUTBOX_STATUS_INTERVAL_S (5 s), standbys every second.
@@ -261,7 +262,7 @@ def relay_dead_letters(conn: psycopg.Connection, *, search: str = "", include_re
          ORDER BY id DESC
          LIMIT %(limit)s""", {"possible": possible, "all": include_replayed, "q": search if possible else "",
                               "limit": limit})
-    df.insert(1, "replay_command", [f"outbox dead-letters replay {i}" for i in df["id"]])
+    df.insert(1, "replay_command", [commands.dead_letter_replay(i) for i in df["id"]])
     return df
 
 
@@ -269,8 +270,6 @@ def inbox_dead_letters(conn: psycopg.Connection, *, consumer: str | None = None,
                        include_resolved: bool = False, limit: int = ROW_LIMIT) -> pd.DataFrame:
     """Records consumers could not process, newest first, with the documented command for each:
     replay (handler failures) or discard (no valid event id: nothing to deduplicate on)."""
-    from inbox.replay import replay_command
-
     search = (search or "").strip()
     possible = _storable(search) and (consumer is None or _storable(consumer))
     df = frame(conn, """
@@ -285,15 +284,15 @@ def inbox_dead_letters(conn: psycopg.Connection, *, consumer: str | None = None,
          ORDER BY id DESC
          LIMIT %(limit)s""", {"possible": possible, "all": include_resolved, "consumer": consumer if possible else None,
                               "q": search if possible else "", "limit": limit})
-    commands = []
+    shown = []
     for dl_id, who, reason, status in zip(df["id"], df["consumer"], df["reason"], df["status"]):
         if reason == "invalid_envelope":
-            commands.append(f"outbox inbox discard --consumer {shlex.quote(who)} --id {dl_id}")
+            shown.append(commands.inbox_discard(who, dl_id))
         elif status == "dead":
-            commands.append(replay_command(who, dl_id))
+            shown.append(commands.inbox_replay(who, dl_id))
         else:
-            commands.append(f"({status.replace('_', ' ')})")
-    df.insert(2, "command", commands)
+            shown.append(f"({status.replace('_', ' ')})")
+    df.insert(2, "command", shown)
     return df
 
 

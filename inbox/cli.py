@@ -20,8 +20,8 @@ from datetime import timedelta
 import psycopg
 
 from inbox import replay, retention
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from outbox.core import commands
+from outbox.core.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -86,7 +86,7 @@ def _dead_letters(args, settings) -> int:
         rows = replay.list_dead_letters(conn, args.consumer, include_resolved=args.all)
     if args.json:
         for row in rows:
-            row["replay_command"] = replay.replay_command(row["consumer"], row["id"]) if row["event_id"] else None
+            row["replay_command"] = commands.inbox_replay(row["consumer"], row["id"]) if row["event_id"] else None
         print(json.dumps(rows, default=str, indent=2))
         return EXIT_OK
     if not rows:
@@ -99,7 +99,7 @@ def _dead_letters(args, settings) -> int:
               f"{row['created_at']:%Y-%m-%d %H:%M:%S}")
         print(f"    error: {row['error']}")
         if row["event_id"] and row["status"] == "dead":
-            print(f"    replay: {replay.replay_command(row['consumer'], row['id'])}")
+            print(f"    replay: {commands.inbox_replay(row['consumer'], row['id'])}")
         elif not row["event_id"] and row["status"] == "dead":
             print(f"    fix the producer, then: outbox inbox discard --consumer {row['consumer']} --id {row['id']}")
     return EXIT_OK

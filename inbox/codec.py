@@ -9,8 +9,8 @@ import traceback
 from datetime import datetime, timezone
 from typing import Any
 
-from relay.envelope import AGGREGATE_ID, AGGREGATE_TYPE, EVENT_TYPE
-from relay.redact import redact
+from outbox.core.envelope import AGGREGATE_ID, AGGREGATE_TYPE, EVENT_TYPE
+from outbox.core.redact import redact
 
 ERROR_MAX = 2_000
 DETAIL_MAX = 20_000

@@ -41,8 +41,8 @@ from inbox.plan import plan_batch
 from inbox.process import BatchResult, Handler, check_consumer_name, process
 from inbox.replay import replay_requested
 from inbox.retry import DEFAULT_POLICY, RetryPolicy
-from relay.redact import Dsn, redact
-from relay.settings import Settings
+from outbox.core.redact import Dsn, redact
+from outbox.core.settings import Settings
 
 log = logging.getLogger("inbox")
 

@@ -45,7 +45,7 @@ from inbox import codec
 from inbox.effect_rules import Decision, Existing, decide, fingerprint
 from inbox.errors import DefiniteFailure, EffectInProgress, EffectLeaseLost, EffectMismatch, OutcomeUnknown
 from inbox.message import Message
-from relay.redact import Dsn
+from outbox.core.redact import Dsn
 
 log = logging.getLogger("inbox.effects")
 

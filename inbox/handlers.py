@@ -7,7 +7,7 @@
 
     Runner(..., handler=handlers)                     # a Handlers object is a handler(conn, msg)
 
-- The event type is the relay's `event_type` header (relay/envelope.py).
+- The event type is the relay's `event_type` header (outbox/core/envelope.py).
 - A payload that does not validate is dead-lettered at once with the validation error: the same
   bytes will never validate on a retry (raised as PayloadInvalid, a NonRetryable).
 - An event type nobody registered follows `unknown`:
@@ -28,7 +28,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from inbox.errors import InboxError, NonRetryable
 from inbox.message import Message
-from relay.envelope import EVENT_TYPE
+from outbox.core.envelope import EVENT_TYPE
 
 UNKNOWN_RULES = ("dead-letter", "ignore")
 

@@ -6,7 +6,7 @@ import json
 import uuid
 from typing import Any, Protocol
 
-from relay.envelope import Envelope, read_envelope
+from outbox.core.envelope import Envelope, read_envelope
 
 
 class Record(Protocol):

@@ -10,9 +10,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from relay.envelope import EnvelopeError, event_id_of
-
 from inbox.message import Record
+from outbox.core.envelope import EnvelopeError, event_id_of
 
 Partition = tuple[str, int]  # (topic, partition)
 

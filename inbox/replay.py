@@ -9,7 +9,6 @@ itself, and it is applied at most once: a second request for a replayed dead let
 from __future__ import annotations
 
 import logging
-import shlex
 import uuid
 from dataclasses import dataclass
 
@@ -163,8 +162,3 @@ def list_dead_letters(conn: psycopg.Connection, consumer: str | None = None, *, 
             f"SELECT id, consumer, status, reason, error, attempts, replay_attempts, event_id, event_type, topic, "
             f"kafka_partition, kafka_offset, created_at, replay_requested_at, replayed_at "
             f"FROM outbox.inbox_dead_letters {where} ORDER BY id", params).fetchall()
-
-
-def replay_command(consumer: str, dead_letter_id: int) -> str:
-    """The documented command that replays one dead letter (shown by the CLI and the dashboard)."""
-    return f"outbox inbox replay --consumer {shlex.quote(consumer)} --id {dead_letter_id}"

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 import psycopg
 
-from relay.redact import Dsn
+from outbox.core.redact import Dsn
 
 log = logging.getLogger("inbox")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from relay.pgoutput import lsn_to_str
+from outbox.core.lsn import lsn_to_str
 
 
 @dataclass(frozen=True)

@@ -13,28 +13,33 @@ import os
 import socket
 import threading
 import time
+from dataclasses import replace
 
 import psycopg
 from kafka import errors as kerr
 from psycopg import sql
 
-from dataclasses import replace
-
+from outbox.core.lsn import str_to_lsn
+from outbox.core.redact import redact
+from outbox.core.settings import Settings
+from outbox.core.sqlident import quote_ident
 from relay import ledger as ledger_sql
 from relay import slot as slots
 from relay.bookkeeper import Failure, Restart
 from relay.checkpoint import Checkpoint, Identity, mismatch
 from relay.ledger import Ledger, restore_dead_letters, settle_previous_batches
 from relay.metrics import RelayMetrics, serve
-from relay.pgoutput import str_to_lsn
 from relay.pipeline import Pipeline, Transient
 from relay.publisher import (
-    Fenced, Publisher, TopicProvisioner, ensure_checkpoint_topic, make_publisher, read_checkpoint,
+    Fenced,
+    Publisher,
+    TopicProvisioner,
+    ensure_checkpoint_topic,
+    make_publisher,
+    read_checkpoint,
 )
-from relay.redact import redact
-from relay.replication import ReplicationError, ReplicationStream, ServerPosition, identify_server, quote_ident
+from relay.replication import ReplicationError, ReplicationStream, ServerPosition, identify_server
 from relay.router import TABLE_LAYOUT
-from relay.settings import Settings
 from relay.slot import FatalError
 
 log = logging.getLogger("outbox.relay")

@@ -10,17 +10,16 @@ on event_id and should not assume the replayed event is the latest.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 
 import psycopg
 from kafka import KafkaProducer
 from kafka import errors as kerr
 
-from relay.pgoutput import PG_EPOCH_UNIX_US, str_to_lsn
+from outbox.core.lsn import iso_to_pg, str_to_lsn
+from outbox.core.redact import Dsn
+from outbox.core.settings import Settings
 from relay.publisher import classify, producer_config
-from relay.redact import Dsn
 from relay.router import TABLE_LAYOUT, RouteError, Router, Txn
-from relay.settings import Settings
 
 COLUMNS = ("id, event_id::text, slot_name, reason, error, aggregate_type, aggregate_id, event_type, payload, "
            "headers, created_at::text, txid::text, commit_lsn::text, dead_lettered_at, replayed_at")
@@ -44,12 +43,6 @@ class DeadLetterRow:
     dead_lettered_at: object
     replayed_at: object
 
-
-def pg_micros(timestamp: str | None) -> int:
-    """µs since 2000-01-01 of a timestamptz rendered as text (the event's creation time)."""
-    if not timestamp:
-        return 0
-    return int(datetime.fromisoformat(timestamp).timestamp() * 1_000_000) - PG_EPOCH_UNIX_US
 
 
 def list_dead_letters(dsn: Dsn, include_replayed: bool = False, limit: int = 100) -> list[DeadLetterRow]:
@@ -125,7 +118,7 @@ def _publish(router: Router, producer: KafkaProducer, row: DeadLetterRow, log) -
     values = (row.event_id, row.aggregate_type, row.aggregate_id, row.event_type, row.payload,
               row.headers or "{}", row.created_at, row.txid)
     encoded = tuple(None if v is None else v.encode() for v in values)
-    txn = Txn.of(str_to_lsn(row.commit_lsn or "0/0"), pg_micros(row.created_at))
+    txn = Txn.of(str_to_lsn(row.commit_lsn or "0/0"), iso_to_pg(row.created_at))
     try:
         record = router.route(TABLE_LAYOUT, encoded, txn)
         record.headers.append(("outbox_replayed_from", f"dead-letter:{row.id}".encode()))

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import psycopg
 
+from outbox.core.lsn import lsn_to_str
+from outbox.core.redact import Dsn
 from relay.bookkeeper import Batch, DeadLetter
 from relay.checkpoint import Checkpoint
-from relay.pgoutput import lsn_to_str
-from relay.redact import Dsn
 
 log = logging.getLogger("outbox.relay")
 

@@ -14,11 +14,7 @@ this module stays a few attribute lookups per column.
 from __future__ import annotations
 
 import struct
-from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
-
-PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
-PG_EPOCH_UNIX_US = 946_684_800_000_000  # 2000-01-01 in µs since the Unix epoch
 
 _I16 = struct.Struct(">h")
 _I32 = struct.Struct(">i")
@@ -268,19 +264,3 @@ def decode(buf: bytes) -> Begin | Commit | Origin | Relation | Type | Insert | U
         if isinstance(exc, DecodeError):
             raise
         raise DecodeError(f"truncated or malformed {chr(buf[0])!r} message ({len(buf)} bytes): {exc}") from None
-
-
-def pg_timestamp(us_since_2000: int) -> datetime:
-    return PG_EPOCH + timedelta(microseconds=us_since_2000)
-
-
-def lsn_to_str(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
-
-
-def str_to_lsn(text: str) -> int:
-    high, _, low = text.partition("/")
-    try:
-        return int(high, 16) << 32 | int(low, 16)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an LSN like 16/B374D848") from None

@@ -24,18 +24,27 @@ from collections.abc import Iterable
 import psycopg
 from kafka import errors as kerr
 
+from outbox.core.lsn import now_pg, str_to_lsn, unix_to_pg
+from outbox.core.settings import Settings
 from relay import ledger as ledger_sql
 from relay.bookkeeper import CLOSE, OPEN, PERSIST, SEND, Batch, Bookkeeper, Failure, Restart
 from relay.checkpoint import Checkpoint
 from relay.ledger import Ledger, Outcome
 from relay.metrics import RelayMetrics
 from relay.pgoutput import (
-    PG_EPOCH_UNIX_US, Begin, Commit, Delete, Insert, Relation, Truncate, Update, decode, insert_at, str_to_lsn,
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    Relation,
+    Truncate,
+    Update,
+    decode,
+    insert_at,
 )
 from relay.publisher import Fenced, Publisher, TopicProvisioner, classify
-from relay.replication import ReplicationStream, XLogData, now_pg, parse_frame
-from relay.router import Layout, Router, RouteError, SchemaError, Txn
-from relay.settings import Settings
+from relay.replication import ReplicationStream, XLogData, parse_frame
+from relay.router import Layout, RouteError, Router, SchemaError, Txn
 from relay.slot import PUBLICATION_GONE_FIX, FatalError, failover_readiness
 
 log = logging.getLogger("outbox.relay")
@@ -330,7 +339,7 @@ class Pipeline:
                       dead.error)
         if outcome.batch.first_lsn == 0:
             return  # backfilled: their commit time is unknown, they would only distort the histogram
-        base = outcome.done_at - PG_EPOCH_UNIX_US / 1e6
+        base = unix_to_pg(outcome.done_at) / 1e6
         observe = m.latency.observe
         for ts in outcome.batch.commit_ts:
             observe(base - ts / 1e6)

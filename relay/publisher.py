@@ -17,8 +17,8 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as kerr
 from kafka.codec import has_lz4, has_zstd
 
+from outbox.core.settings import Settings
 from relay.bookkeeper import Failure
-from relay.settings import Settings
 from relay.slot import FatalError
 
 log = logging.getLogger("outbox.relay")

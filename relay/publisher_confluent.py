@@ -26,8 +26,8 @@ from typing import NamedTuple
 from confluent_kafka import KafkaError, KafkaException, Producer
 from kafka import errors as kerr
 
+from outbox.core.settings import Settings
 from relay.publisher import Fenced, compression, unreachable_hint
-from relay.settings import Settings
 
 log = logging.getLogger("outbox.relay")
 librdkafka_log = logging.getLogger("outbox.relay.librdkafka")

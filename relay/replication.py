@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import select
 import struct
-import time
 from typing import NamedTuple
 
 import psycopg
 from psycopg import pq
 
-from relay.pgoutput import PG_EPOCH_UNIX_US
-from relay.redact import Dsn, redact
+from outbox.core.lsn import now_pg
+from outbox.core.redact import Dsn, redact
+from outbox.core.sqlident import quote_ident, quote_literal
 
 _XLOGDATA = struct.Struct(">QQq")
 _KEEPALIVE = struct.Struct(">QqB")
@@ -52,23 +52,12 @@ def parse_frame(frame: bytes | memoryview) -> XLogData | Keepalive:
     raise ReplicationError(f"unexpected CopyData frame type {chr(kind)!r}")
 
 
-def now_pg() -> int:
-    """Microseconds since 2000-01-01, the clock of the replication protocol."""
-    return int(time.time() * 1_000_000) - PG_EPOCH_UNIX_US
-
 
 def status_update(written: int, flushed: int, applied: int, reply: bool = False) -> bytes:
     """Standby status update ('r'). `flushed` is what moves the slot's confirmed_flush_lsn."""
     return _STATUS.pack(b"r", written, flushed, applied, now_pg(), 1 if reply else 0)
 
 
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def quote_literal(text: str) -> str:
-    # Replication connections cannot bind parameters; standard_conforming_strings is on for them.
-    return "'" + text.replace("'", "''") + "'"
 
 
 def start_command(slot: str, publication: str, proto_version: int, start_lsn: str = "0/0") -> str:

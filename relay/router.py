@@ -11,8 +11,9 @@ import re
 import string
 from dataclasses import dataclass
 
-from relay import envelope
-from relay.pgoutput import Relation, lsn_to_str, pg_timestamp
+from outbox.core import envelope
+from outbox.core.lsn import lsn_to_str, pg_timestamp
+from relay.pgoutput import Relation
 
 OUTBOX_COLUMNS = ("event_id", "aggregate_type", "aggregate_id", "event_type", "payload", "headers", "created_at",
                   "txid")

@@ -10,7 +10,7 @@ import re
 
 import psycopg
 
-from relay.migrate import WAL_LEVEL_FIX
+from outbox.core.migrate import WAL_LEVEL_FIX
 
 
 class FatalError(Exception):

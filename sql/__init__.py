@@ -1,1 +1,1 @@
-"""SQL migrations, shipped as package data (relay.sql) so `outbox migrate` works after pip install."""
+"""SQL migrations, shipped as package data (outbox.sql) so `outbox migrate` works after pip install."""

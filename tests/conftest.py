@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from pathlib import Path
 
 import psycopg
 import pytest
 
-from relay.devstack import DevStack, StackUrls
-from relay.migrate import migrate
-from relay.redact import Dsn
-from relay.settings import load_settings
-
-REPO = Path(__file__).resolve().parent.parent
-TEST_STACK_DIR = REPO / ".outbox" / "test-stack"
-TEMPLATE_DB = "outbox_template"
+from outbox.core.migrate import migrate
+from outbox.core.redact import Dsn
+from outbox.core.settings import load_settings
+from outbox.devstack.stack import DevStack, StackUrls
+from tests.support.databases import drop_database
+from tests.support.paths import REPO, TEMPLATE_DB, TEST_STACK_DIR
 
 
 @pytest.fixture(scope="session")
@@ -60,21 +57,6 @@ def empty_db(stack: StackUrls, admin_dsn: Dsn) -> Dsn:
     drop_database(admin_dsn, name)
 
 
-def drop_database(admin_dsn: Dsn, name: str) -> None:
-    with psycopg.connect(admin_dsn.secret(), autocommit=True) as conn:
-        # Slots are per database and would pin WAL for the rest of the session.
-        conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                     "WHERE database = %s AND active_pid IS NOT NULL", (name,))
-        for _ in range(50):
-            try:
-                conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                             "WHERE database = %s", (name,))
-                break
-            except psycopg.errors.ObjectInUse:
-                import time
-
-                time.sleep(0.1)
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +65,7 @@ def ha_stack():
     with a streaming standby, under its own directory so that killing, pausing or promoting its
     servers never touches the session stack. One per module, stopped at its end (~10 s to start,
     ~1 GiB RSS). Tests that kill or promote must leave it running or say so."""
-    from relay.devstack.kafka import find_java
+    from outbox.devstack.kafka import find_java
 
     if find_java() is None:
         pytest.skip("a Kafka cluster needs Java 17+")
@@ -128,7 +110,7 @@ def dashboard_scenario(stack, admin_dsn):
     read-only tests (building it takes ~6 s). Per module, so that its relay and Kafka clients are
     gone before other modules run: an idle Kafka client left in the process slows group joins
     enough to break the inbox's rebalance timing test. Tests that write make their own."""
-    from .dashboard_support import build, teardown
+    from tests.support.dashboard import build, teardown
 
     scenario = build(stack, admin_dsn, f"d{uuid.uuid4().hex[:10]}")
     yield scenario
@@ -138,7 +120,7 @@ def dashboard_scenario(stack, admin_dsn):
 @pytest.fixture
 def provider():
     """The fake payment provider, a real HTTP server on 127.0.0.1."""
-    from inbox.fake_provider import FakeProvider
+    from outbox.demo.fake_provider import FakeProvider
 
     with FakeProvider(hang_s=2.0) as p:
         yield p
@@ -146,7 +128,7 @@ def provider():
 
 @pytest.fixture
 def client(provider):
-    from inbox.fake_provider import ProviderClient
+    from outbox.demo.fake_provider import ProviderClient
 
     return ProviderClient(provider.url, timeout_s=0.5)
 

@@ -9,7 +9,7 @@ import streamlit as st
 
 from dashboard.db import Database
 from dashboard.kafka_lag import EndOffsets
-from relay.settings import Settings
+from outbox.core.settings import Settings
 
 
 @dataclass
