@@ -31,9 +31,16 @@ import psycopg
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from dashboard import health, queries
+from dashboard import health
 from dashboard.db import Database
 from dashboard.kafka_lag import EndOffsets
+from dashboard.queries import common as q_common
+from dashboard.queries import dead_letters as q_dead_letters
+from dashboard.queries import duplicates as q_duplicates
+from dashboard.queries import in_flight as q_in_flight
+from dashboard.queries import overview as q_overview
+from dashboard.queries import trace as q_trace
+from dashboard.queries import unknown as q_unknown
 from outbox.core.migrate import migrate
 from outbox.core.settings import load_settings
 from outbox.devstack.stack import DevStack
@@ -181,54 +188,54 @@ def pages(end_offsets: EndOffsets, samples: dict) -> dict[str, list[tuple[str, C
     """Each page's queries, in the order the page runs them."""
     return {
         "Overview": [
-            ("relays", queries.relays), ("slots", queries.slots), ("in_flight_summary", queries.in_flight_summary),
-            ("unresolved_effects", queries.unresolved_effects),
-            ("relay_batches_at_risk", queries.relay_batches_at_risk),
-            ("dead_letter_reasons", queries.dead_letter_reasons),
-            ("consumer_positions", queries.consumer_positions),
+            ("relays", q_overview.relays), ("slots", q_overview.slots), ("in_flight_summary", q_overview.in_flight_summary),
+            ("unresolved_effects", q_unknown.unresolved_effects),
+            ("relay_batches_at_risk", q_unknown.relay_batches_at_risk),
+            ("dead_letter_reasons", q_dead_letters.dead_letter_reasons),
+            ("consumer_positions", q_overview.consumer_positions),
             ("kafka end offsets (Kafka, not SQL)", lambda c: end_offsets.fetch(samples["partitions"])),
-            ("duplicate_totals 1 h", lambda c: queries.duplicate_totals(c, 1)),
-            ("throughput 60 min", lambda c: queries.throughput(c, 60)),
+            ("duplicate_totals 1 h", lambda c: q_duplicates.duplicate_totals(c, 1)),
+            ("throughput 60 min", lambda c: q_overview.throughput(c, 60)),
         ],
         "In flight": [
-            ("in_flight_summary", queries.in_flight_summary), ("in_flight (oldest 500)", queries.in_flight),
-            ("relays", queries.relays),
+            ("in_flight_summary", q_overview.in_flight_summary), ("in_flight (oldest 500)", q_in_flight.in_flight),
+            ("relays", q_overview.relays),
         ],
         "Duplicates (24 h)": [
-            ("consumers", queries.consumers), ("duplicate_totals 24 h", lambda c: queries.duplicate_totals(c, 24)),
-            ("duplicates_over_time 24 h", lambda c: queries.duplicates_over_time(c, 24)),
-            ("most_duplicated by count", lambda c: queries.most_duplicated(c, None, order="count")),
-            ("most_duplicated recent", lambda c: queries.most_duplicated(c, None, order="recent")),
+            ("consumers", q_common.consumers), ("duplicate_totals 24 h", lambda c: q_duplicates.duplicate_totals(c, 24)),
+            ("duplicates_over_time 24 h", lambda c: q_duplicates.duplicates_over_time(c, 24)),
+            ("most_duplicated by count", lambda c: q_duplicates.most_duplicated(c, None, order="count")),
+            ("most_duplicated recent", lambda c: q_duplicates.most_duplicated(c, None, order="recent")),
         ],
         "Duplicates (7 days, one consumer)": [
-            ("consumers", queries.consumers),
-            ("duplicate_totals 7 d", lambda c: queries.duplicate_totals(c, 168)),
-            ("duplicates_over_time 7 d", lambda c: queries.duplicates_over_time(c, 168)),
-            ("most_duplicated by count", lambda c: queries.most_duplicated(c, "billing", order="count")),
-            ("most_duplicated recent", lambda c: queries.most_duplicated(c, "billing", order="recent")),
+            ("consumers", q_common.consumers),
+            ("duplicate_totals 7 d", lambda c: q_duplicates.duplicate_totals(c, 168)),
+            ("duplicates_over_time 7 d", lambda c: q_duplicates.duplicates_over_time(c, 168)),
+            ("most_duplicated by count", lambda c: q_duplicates.most_duplicated(c, "billing", order="count")),
+            ("most_duplicated recent", lambda c: q_duplicates.most_duplicated(c, "billing", order="recent")),
         ],
         "Unknown outcome": [
-            ("unresolved_effects", queries.unresolved_effects),
-            ("relay_batches_at_risk", queries.relay_batches_at_risk),
-            ("audit_log", lambda c: queries.audit_log(c, 20)),
+            ("unresolved_effects", q_unknown.unresolved_effects),
+            ("relay_batches_at_risk", q_unknown.relay_batches_at_risk),
+            ("audit_log", lambda c: q_unknown.audit_log(c, 20)),
         ],
         "Dead letters": [
-            ("consumers", queries.consumers), ("dead_letter_reasons", queries.dead_letter_reasons),
-            ("relay_dead_letters", queries.relay_dead_letters), ("inbox_dead_letters", queries.inbox_dead_letters),
+            ("consumers", q_common.consumers), ("dead_letter_reasons", q_dead_letters.dead_letter_reasons),
+            ("relay_dead_letters", q_dead_letters.relay_dead_letters), ("inbox_dead_letters", q_dead_letters.inbox_dead_letters),
         ],
         "Dead letters (search, incl. resolved)": [
-            ("relay_dead_letters search", lambda c: queries.relay_dead_letters(c, search="too large",
+            ("relay_dead_letters search", lambda c: q_dead_letters.relay_dead_letters(c, search="too large",
                                                                               include_replayed=True)),
-            ("inbox_dead_letters search", lambda c: queries.inbox_dead_letters(c, search="record 42",
+            ("inbox_dead_letters search", lambda c: q_dead_letters.inbox_dead_letters(c, search="record 42",
                                                                               include_resolved=True)),
         ],
         "Event trace (aggregate id)": [
-            ("find_events aggregate", lambda c: queries.find_events(c, samples["aggregate_id"])),
-            ("trace", lambda c: queries.trace(c, samples["event_id"])),
+            ("find_events aggregate", lambda c: q_trace.find_events(c, samples["aggregate_id"])),
+            ("trace", lambda c: q_trace.trace(c, samples["event_id"])),
         ],
         "Event trace (event id)": [
-            ("find_events event id", lambda c: queries.find_events(c, samples["event_id"])),
-            ("trace", lambda c: queries.trace(c, samples["event_id"])),
+            ("find_events event id", lambda c: q_trace.find_events(c, samples["event_id"])),
+            ("trace", lambda c: q_trace.trace(c, samples["event_id"])),
         ],
     }
 
@@ -303,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                 for q, t in r["queries"].items():
                     print(f"    {q:40} {t['median_s'] * 1000:8.1f} ms  (max {t['max_s'] * 1000:.1f})")
             with db.snapshot() as conn:
-                snapshot = health.collect(conn)
-            findings = [f.text for f in health.assess(health.with_kafka(snapshot, ends))]
+                snapshot = q_overview.health_snapshot(conn)
+            findings = [f.text for f in health.assess(q_overview.with_kafka_lag(snapshot, ends))]
         finally:
             ends.close()
             db.close()

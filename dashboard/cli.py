@@ -93,6 +93,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     from dashboard import health
     from dashboard.db import DashboardError, connect, dashboard_dsn
     from dashboard.kafka_lag import EndOffsets
+    from dashboard.queries.overview import health_snapshot, with_kafka_lag
 
     ends = EndOffsets(settings.kafka_bootstrap, settings.kafka_security())
     try:
@@ -102,11 +103,11 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_FAILED
     try:
         with conn.transaction():
-            snap = health.collect(conn)
+            snap = health_snapshot(conn)
     finally:
         conn.close()
     try:
-        health.with_kafka(snap, ends)
+        with_kafka_lag(snap, ends)
     finally:
         ends.close()
     findings = health.assess(snap, max_in_flight_age_s=args.max_in_flight_age, stalled_after_s=args.stalled_after)

@@ -1,5 +1,8 @@
 """Does anything need a human? One set of rules shared by `outbox status` (exit code) and the
-dashboard's overview banner, so the terminal and the browser never disagree."""
+dashboard's overview banner, so the terminal and the browser never disagree.
+
+Rules only: they read a Snapshot (dashboard.queries.overview.health_snapshot fills it) and do no I/O,
+so each rule is tested on hand-made numbers."""
 
 from __future__ import annotations
 
@@ -7,9 +10,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pandas as pd
-import psycopg
 
-from dashboard import MAX_IN_FLIGHT_AGE_S, STALLED_AFTER_S, queries
+from dashboard import MAX_IN_FLIGHT_AGE_S, STALLED_AFTER_S
 from dashboard.units import duration
 
 
@@ -33,26 +35,6 @@ class Snapshot:
     consumers: pd.DataFrame  # positions with lag (lag NA when Kafka was not reachable)
     duplicates_last_hour: pd.DataFrame
     kafka_error: str | None = None
-
-
-def collect(conn: psycopg.Connection) -> Snapshot:
-    """Everything from one database snapshot; consumer lag is added by with_kafka(), outside it."""
-    return Snapshot(
-        relays=queries.relays(conn), slots=queries.slots(conn), in_flight=queries.in_flight_summary(conn),
-        effects=queries.unresolved_effects(conn), batches=queries.relay_batches_at_risk(conn),
-        dead_letters=queries.dead_letter_reasons(conn), consumers=queries.with_lag(queries.consumer_positions(conn),
-                                                                                    None),
-        duplicates_last_hour=queries.duplicate_totals(conn, hours=1))
-
-
-def with_kafka(s: Snapshot, end_offsets) -> Snapshot:
-    """Consumer lag from Kafka's end offsets. Asked after the database snapshot is released: an
-    unreachable broker costs seconds, which must not hold the dashboard's shared connection.
-    `end_offsets`: a dashboard.kafka_lag.EndOffsets (anything with .fetch and .error)."""
-    ends = end_offsets.fetch(list(zip(s.consumers["topic"], s.consumers["kafka_partition"])))
-    s.consumers = queries.with_lag(s.consumers.drop(columns=["end_offset", "lag"]), ends)
-    s.kafka_error = end_offsets.error if ends is None else None
-    return s
 
 
 def assess(s: Snapshot, *, max_in_flight_age_s: float = MAX_IN_FLIGHT_AGE_S,

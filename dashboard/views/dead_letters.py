@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import queries
+from dashboard.queries import dead_letters as queries
+from dashboard.queries.common import consumers
 from dashboard.views.common import Context, empty, table
 
 
@@ -13,10 +14,13 @@ def render(ctx: Context) -> None:
     left, middle, right = st.columns([3, 2, 1])
     search = left.text_input("Search reason, error, event id, type, aggregate (literal text)", max_chars=500,
                              key="dl_search")
+    # Widgets are drawn between snapshots, never inside one: the connection is shared by every
+    # browser session, and a page must hold it only while it reads.
     with ctx.db.snapshot() as conn:
-        names = queries.consumers(conn)
-        consumer = middle.selectbox("Consumer (inbox)", ["all consumers", *names], key="dl_consumer")
-        resolved = right.toggle("Include resolved", key="dl_resolved")
+        names = consumers(conn)
+    consumer = middle.selectbox("Consumer (inbox)", ["all consumers", *names], key="dl_consumer")
+    resolved = right.toggle("Include resolved", key="dl_resolved")
+    with ctx.db.snapshot() as conn:
         reasons = queries.dead_letter_reasons(conn)
         relay = queries.relay_dead_letters(conn, search=search, include_replayed=resolved)
         inbox = queries.inbox_dead_letters(conn, consumer=None if consumer == "all consumers" else consumer,

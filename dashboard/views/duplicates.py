@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import queries
+from dashboard.queries import duplicates as queries
+from dashboard.queries.common import consumers
 from dashboard.views.common import Context, empty, table
 
 WINDOWS = {"1 hour": 1, "6 hours": 6, "24 hours": 24, "7 days": 168}
@@ -14,10 +15,12 @@ def render(ctx: Context) -> None:
     left, right = st.columns(2)
     window = left.selectbox("Window", list(WINDOWS), index=2, key="dup_window")
     hours = WINDOWS[window]
+    # Widgets are drawn between snapshots, never inside one (the connection is shared).
     with ctx.db.snapshot() as conn:
-        names = queries.consumers(conn)
-        consumer = right.selectbox("Consumer", ["all consumers", *names], key="dup_consumer")
-        chosen = None if consumer == "all consumers" else consumer
+        names = consumers(conn)
+    consumer = right.selectbox("Consumer", ["all consumers", *names], key="dup_consumer")
+    chosen = None if consumer == "all consumers" else consumer
+    with ctx.db.snapshot() as conn:
         totals = queries.duplicate_totals(conn, hours=hours)
         over_time = queries.duplicates_over_time(conn, hours=hours)
         most = queries.most_duplicated(conn, chosen, order="count")

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import health, queries
+from dashboard import health
+from dashboard.queries import overview as queries
 from dashboard.units import duration, size
 from dashboard.views.common import Context, empty, table
 
 
 def render(ctx: Context) -> None:
     with ctx.db.snapshot() as conn:
-        snap = health.collect(conn)
+        snap = queries.health_snapshot(conn)
         flow = queries.throughput(conn, minutes=60)
-    health.with_kafka(snap, ctx.end_offsets)
+    queries.with_kafka_lag(snap, ctx.end_offsets)
     findings = health.assess(snap)
 
     attention = [f for f in findings if f.level == "attention"]

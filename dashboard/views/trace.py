@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import queries
+from dashboard.queries import trace as queries
 from dashboard.views.common import Context, empty, table
 
 
@@ -17,16 +17,18 @@ def render(ctx: Context) -> None:
               "where the event went.")
         return
     event_id = queries.parse_event_id(term)
-    with ctx.db.snapshot() as conn:
-        if event_id is None:
+    # Widgets are drawn between snapshots, never inside one (the connection is shared).
+    if event_id is None:
+        with ctx.db.snapshot() as conn:
             matches = queries.find_events(conn, term)
-            if matches.empty:
-                st.warning("No outbox event has this aggregate id (exact match, any aggregate type), and it is "
-                           "not an event id. Old events may have been pruned by retention.")
-                return
-            st.caption(f"{len(matches)} events of aggregate {term!r}, newest first.")
-            table(matches)
-            event_id = st.selectbox("Trace event", list(matches["event_id"]), key="trace_pick")
+        if matches.empty:
+            st.warning("No outbox event has this aggregate id (exact match, any aggregate type), and it is "
+                       "not an event id. Old events may have been pruned by retention.")
+            return
+        st.caption(f"{len(matches)} events of aggregate {term!r}, newest first.")
+        table(matches)
+        event_id = st.selectbox("Trace event", list(matches["event_id"]), key="trace_pick")
+    with ctx.db.snapshot() as conn:
         found = queries.trace(conn, event_id)
     _render(found)
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import actions, queries
+from dashboard import actions
 from dashboard.db import DashboardError
+from dashboard.queries import unknown as queries
 from dashboard.units import duration
 from dashboard.views.common import Context, empty, table
 

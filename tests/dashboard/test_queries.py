@@ -10,9 +10,15 @@ import pandas as pd
 import psycopg
 import pytest
 
-from dashboard import health, queries
+from dashboard import health
 from dashboard.db import Database
 from dashboard.kafka_lag import EndOffsets
+from dashboard.queries import dead_letters as q_dead_letters
+from dashboard.queries import duplicates as q_duplicates
+from dashboard.queries import in_flight as q_in_flight
+from dashboard.queries import overview as q_overview
+from dashboard.queries import trace as q_trace
+from dashboard.queries import unknown as q_unknown
 from outbox.core.commands import inbox_replay
 from tests.support.dashboard import (
     AT_RISK_KEY,
@@ -40,20 +46,20 @@ def read(database, fn, *args, **kwargs):
 
 
 def test_overview_shows_the_running_relay_its_slot_and_nothing_in_flight(s, dash):
-    relays = read(dash, queries.relays)
+    relays = read(dash, q_overview.relays)
     assert list(zip(relays["relay_id"], relays["state"])) == [(s.relay.relay.s.relay_id, "active")]
-    slots = read(dash, queries.slots)
+    slots = read(dash, q_overview.slots)
     assert len(slots) == 1
     slot = slots.iloc[0]
     assert (slot.slot_name, slot.delivery, slot.slot_missing, slot.wal_status) == (
         s.slot, "at-least-once", False, "reserved")
     assert (slot.events_published, slot.events_dead_lettered) == (len(s.events) - 1, 1)
     assert slot.lag_bytes >= 0 and slot.retained_wal_bytes >= slot.lag_bytes
-    assert read(dash, queries.in_flight_summary) == {"count": 0, "oldest_age_s": 0.0}
+    assert read(dash, q_overview.in_flight_summary) == {"count": 0, "oldest_age_s": 0.0}
 
 
 def test_throughput_counts_what_the_relay_published_and_each_consumer_did(s, dash):
-    flow = read(dash, queries.throughput, 60)
+    flow = read(dash, q_overview.throughput, 60)
     totals = flow.groupby("series")["events"].sum().to_dict()
     published = len(s.events) - 1
     assert totals == {
@@ -66,16 +72,16 @@ def test_throughput_counts_what_the_relay_published_and_each_consumer_did(s, das
 
 
 def test_consumer_lag_is_kafka_end_offset_minus_the_stored_position(s, dash):
-    positions = read(dash, queries.consumer_positions)
+    positions = read(dash, q_overview.consumer_positions)
     assert set(positions["consumer"]) == {"billing", "shipping"} and set(positions["topic"]) == {s.topic}
     ends = EndOffsets(s.kafka)
     try:
-        lag = queries.with_lag(positions, ends.fetch(list(zip(positions["topic"], positions["kafka_partition"]))))
+        lag = q_overview.with_lag(positions, ends.fetch(list(zip(positions["topic"], positions["kafka_partition"]))))
     finally:
         ends.close()
     assert ends.error is None
     assert lag["lag"].tolist() == [0] * len(lag) and (lag["end_offset"] == lag["next_offset"]).all()
-    unknown = queries.with_lag(positions, None)
+    unknown = q_overview.with_lag(positions, None)
     assert unknown["lag"].isna().all()
 
 
@@ -95,36 +101,36 @@ def test_in_flight_lists_exactly_the_unpublished_events_until_the_relay_publishe
     later = emit(db, [("order", "a-1", "OrderPaid", {"n": 3}, {})])
     database = Database(db, "outbox_dashboard")
     try:
-        rows = read(database, queries.in_flight)
+        rows = read(database, q_in_flight.in_flight)
         assert rows["event_id"].tolist() == ids + later  # oldest first
-        summary = read(database, queries.in_flight_summary)
+        summary = read(database, q_overview.in_flight_summary)
         assert summary["count"] == 3 and summary["oldest_age_s"] >= rows["age_s"].iloc[0] >= rows["age_s"].iloc[-1]
         with RelayThread(relay_settings(db, kafka, topic_prefix)):
             wait_streaming(db)
-            wait_for(lambda: read(database, queries.in_flight_summary)["count"] == 0, 30, "the relay to publish")
-            assert read(database, queries.in_flight).empty
+            wait_for(lambda: read(database, q_overview.in_flight_summary)["count"] == 0, 30, "the relay to publish")
+            assert read(database, q_in_flight.in_flight).empty
     finally:
         database.close()
 
 
 def test_duplicates_name_each_redelivered_event_with_its_count(s, dash):
-    most = read(dash, queries.most_duplicated, None, order="count")
+    most = read(dash, q_duplicates.most_duplicated, None, order="count")
     got = sorted(zip(most["consumer"], most["event_id"], most["duplicates"]))
     expected = sorted((c, e, n) for c in ("billing", "shipping") for e, n in s.duplicated.items())
     assert got == expected
     assert most["duplicates"].tolist() == sorted(most["duplicates"], reverse=True)
-    recent = read(dash, queries.most_duplicated, "billing", order="recent")
+    recent = read(dash, q_duplicates.most_duplicated, "billing", order="recent")
     assert set(recent["consumer"]) == {"billing"} and recent["last_seen"].is_monotonic_decreasing
-    totals = read(dash, queries.duplicate_totals, 24).set_index("consumer")
+    totals = read(dash, q_duplicates.duplicate_totals, 24).set_index("consumer")
     assert totals.loc["billing", "suppressed"] == totals.loc["shipping", "suppressed"] == 3
-    over_time = read(dash, queries.duplicates_over_time, 24)
+    over_time = read(dash, q_duplicates.duplicates_over_time, 24)
     assert over_time.groupby("consumer")["suppressed"].sum().to_dict() == {"billing": 3, "shipping": 3}
     with pytest.raises(ValueError):
-        read(dash, queries.most_duplicated, None, order="1; DROP TABLE x")
+        read(dash, q_duplicates.most_duplicated, None, order="1; DROP TABLE x")
 
 
 def test_unknown_outcomes_list_unknown_effects_first_with_their_evidence(s, dash):
-    effects = read(dash, queries.unresolved_effects)
+    effects = read(dash, q_unknown.unresolved_effects)
     assert list(zip(effects["key"], effects["effective_status"])) == [
         (CHARGE_KEY, "unknown"), (KILLED_KEY, "unknown"), (LIVE_KEY, "in_progress"), (AT_RISK_KEY, "in_progress")]
     by_key = effects.set_index("key")
@@ -139,7 +145,7 @@ def test_unknown_outcomes_list_unknown_effects_first_with_their_evidence(s, dash
 
 
 def test_relay_batches_with_an_unknown_outcome_and_those_of_a_gone_relay(s, dash):
-    batches = read(dash, queries.relay_batches_at_risk)
+    batches = read(dash, q_unknown.relay_batches_at_risk)
     assert sorted(zip(batches["relay_id"], batches["status"])) == [
         (CRASHED_RELAY, "unknown"), (GONE_RELAY, "in flight, relay gone")]
     crashed = batches[batches["relay_id"] == CRASHED_RELAY].iloc[0]
@@ -147,21 +153,21 @@ def test_relay_batches_with_an_unknown_outcome_and_those_of_a_gone_relay(s, dash
 
 
 def test_dead_letters_carry_their_reason_and_the_documented_command(s, dash):
-    relay = read(dash, queries.relay_dead_letters)
+    relay = read(dash, q_dead_letters.relay_dead_letters)
     assert relay["event_id"].tolist() == [s.events["too_big"]]
     assert relay["replay_command"].tolist() == [f"outbox dead-letters replay {relay['id'][0]}"]
     assert relay["reason"].tolist() == ["oversize"] and "OUTBOX_MAX_RECORD_BYTES" in relay["error"][0]
-    inbox = read(dash, queries.inbox_dead_letters)
+    inbox = read(dash, q_dead_letters.inbox_dead_letters)
     assert sorted(inbox["event_id"]) == sorted([s.events["poison"], s.events["charge"]])
     assert inbox["command"].tolist() == [inbox_replay("billing", i) for i in inbox["id"]]
     assert set(inbox["reason"]) == {"handler_failed"}
-    reasons = read(dash, queries.dead_letter_reasons)
+    reasons = read(dash, q_dead_letters.dead_letter_reasons)
     assert reasons[["source", "open"]].values.tolist() == [["inbox · billing", 2], ["relay", 1]]
-    assert read(dash, queries.inbox_dead_letters, consumer="shipping").empty
+    assert read(dash, q_dead_letters.inbox_dead_letters, consumer="shipping").empty
 
 
 def test_trace_of_an_event_follows_it_through_kafka_to_each_consumer_and_its_effect(s, dash):
-    t = read(dash, queries.trace, s.events["charge"])
+    t = read(dash, q_trace.trace, s.events["charge"])
     assert t.found and not t.in_flight
     assert t.event[["aggregate_id", "event_type"]].values.tolist() == [["o-pay", "PaymentRequested"]]
     assert t.deliveries[["topic"]].values.tolist() == [[s.topic]]
@@ -169,36 +175,36 @@ def test_trace_of_an_event_follows_it_through_kafka_to_each_consumer_and_its_eff
                                                                  ["shipping", "processed"]]
     assert t.effects["key"].tolist() == [CHARGE_KEY]
     assert t.inbox_dead_letters["consumer"].tolist() == ["billing"] and t.relay_dead_letters.empty
-    dup = read(dash, queries.trace, s.events["o-1/OrderPlaced"])
+    dup = read(dash, q_trace.trace, s.events["o-1/OrderPlaced"])
     assert dict(zip(dup.inbox["consumer"], dup.inbox["suppressed_duplicates"])) == {"billing": 2, "shipping": 2}
-    big = read(dash, queries.trace, s.events["too_big"])
+    big = read(dash, q_trace.trace, s.events["too_big"])
     assert big.deliveries.empty and big.inbox.empty and big.relay_dead_letters["reason"].tolist() == ["oversize"]
 
 
 def test_find_events_by_aggregate_id_is_exact_across_aggregate_types(s, dash):
-    found = read(dash, queries.find_events, "o-1")
+    found = read(dash, q_trace.find_events, "o-1")
     assert sorted(found["event_id"]) == sorted([s.events["o-1/OrderPlaced"], s.events["o-1/OrderPaid"]])
-    assert read(dash, queries.find_events, "o-")["event_id"].tolist() == []  # no prefix matching
-    assert read(dash, queries.find_events, s.events["poison"])["event_id"].tolist() == [s.events["poison"]]
-    assert read(dash, queries.find_events, f"  {UNICODE_AGGREGATE} ")["event_id"].tolist() == [s.events["unicode"]]
-    assert read(dash, queries.find_events, HOSTILE_AGGREGATE)["event_id"].tolist() == [s.events["hostile"]]
-    unknown = read(dash, queries.trace, "00000000-0000-7000-8000-000000000000")
+    assert read(dash, q_trace.find_events, "o-")["event_id"].tolist() == []  # no prefix matching
+    assert read(dash, q_trace.find_events, s.events["poison"])["event_id"].tolist() == [s.events["poison"]]
+    assert read(dash, q_trace.find_events, f"  {UNICODE_AGGREGATE} ")["event_id"].tolist() == [s.events["unicode"]]
+    assert read(dash, q_trace.find_events, HOSTILE_AGGREGATE)["event_id"].tolist() == [s.events["hostile"]]
+    unknown = read(dash, q_trace.trace, "00000000-0000-7000-8000-000000000000")
     assert not unknown.found
 
 
 def test_hostile_input_in_every_search_box_and_filter_neither_fails_nor_injects(s, dash):
     before = query(s.db, "SELECT (SELECT count(*) FROM outbox.events), (SELECT count(*) FROM outbox.effects), "
                          "(SELECT count(*) FROM outbox.inbox_messages)")
-    all_relay = read(dash, queries.relay_dead_letters, include_replayed=True)
-    all_inbox = read(dash, queries.inbox_dead_letters, include_resolved=True)
+    all_relay = read(dash, q_dead_letters.relay_dead_letters, include_replayed=True)
+    all_inbox = read(dash, q_dead_letters.inbox_dead_letters, include_resolved=True)
     for text in HOSTILE:
-        assert read(dash, queries.find_events, text).empty, repr(text[:40])
+        assert read(dash, q_trace.find_events, text).empty, repr(text[:40])
         for consumer in (text, None):
-            assert read(dash, queries.most_duplicated, text, order="count").empty
-            got = read(dash, queries.inbox_dead_letters, consumer=consumer, search=text, include_resolved=True)
+            assert read(dash, q_duplicates.most_duplicated, text, order="count").empty
+            got = read(dash, q_dead_letters.inbox_dead_letters, consumer=consumer, search=text, include_resolved=True)
             expected = [] if consumer is not None else _literal(all_inbox, text)
             assert sorted(got["id"]) == expected, repr(text[:40])
-        got = read(dash, queries.relay_dead_letters, search=text, include_replayed=True)
+        got = read(dash, q_dead_letters.relay_dead_letters, search=text, include_replayed=True)
         assert sorted(got["id"]) == _literal(all_relay, text), repr(text[:40])
     assert query(s.db, "SELECT (SELECT count(*) FROM outbox.events), (SELECT count(*) FROM outbox.effects), "
                        "(SELECT count(*) FROM outbox.inbox_messages)") == before
@@ -219,8 +225,8 @@ def test_health_rules_on_the_scenario(s, dash):
     ends = EndOffsets(s.kafka)
     try:
         with dash.snapshot() as conn:
-            snap = health.collect(conn)
-        health.with_kafka(snap, ends)
+            snap = q_overview.health_snapshot(conn)
+        q_overview.with_kafka_lag(snap, ends)
     finally:
         ends.close()
     findings = health.assess(snap)
