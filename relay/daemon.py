@@ -49,7 +49,7 @@ log = logging.getLogger("outbox.relay")
 BACKFILL_QUERY = """
 SELECT e.event_id::text, e.aggregate_type, e.aggregate_id, e.event_type, e.payload::text, e.headers::text,
        e.created_at::text, e.txid::text,
-       ((extract(epoch FROM e.created_at) * 1000000)::bigint - 946684800000000)::text  -- microseconds since 2000
+       (extract(epoch FROM e.created_at - timestamptz '2000-01-01 00:00:00+00') * 1000000)::bigint::text  -- the PG clock
   FROM outbox.relay_backfill f JOIN outbox.events e ON e.event_id = f.event_id
  WHERE f.slot_name = %(slot)s
    AND NOT EXISTS (SELECT 1 FROM outbox.relay_batches b, unnest(b.xids) AS x(txid)
@@ -473,13 +473,12 @@ class Relay:
             (self.s.relay_id, self.s.slot_name, self.s.delivery, socket.gethostname(), os.getpid()))
 
     def _set_role(self, role: str, control: psycopg.Connection | None = None) -> None:
-        update = "UPDATE outbox.relay_instances SET role = %s, heartbeat_at = now() WHERE relay_id = %s"
         try:
             if control is not None:
-                control.execute(update, (role, self.s.relay_id))
+                ledger_sql.heartbeat(control, self.s.relay_id, role)
                 return
             with psycopg.connect(self.dsn.secret(), autocommit=True, connect_timeout=5, client_encoding="utf8") as conn:
-                conn.execute(update, (role, self.s.relay_id))
+                ledger_sql.heartbeat(conn, self.s.relay_id, role)
         except psycopg.Error as exc:
             log.debug("could not record role %s: %s", role, exc)
 

@@ -10,7 +10,7 @@ import re
 
 import psycopg
 
-from outbox.core.migrate import WAL_LEVEL_FIX
+from outbox.core.migrate import wal_level_problem
 
 
 class FatalError(Exception):
@@ -45,10 +45,8 @@ def lock_key(slot: str) -> str:
 
 
 def check_server(conn: psycopg.Connection) -> None:
-    level = conn.execute("SHOW wal_level").fetchone()[0]
-    if level != "logical":
-        raise FatalError(WAL_LEVEL_FIX.format(level=level).replace(" Use --no-wal-check to install the schema anyway.",
-                                                                   ""))
+    if (problem := wal_level_problem(conn)) is not None:
+        raise FatalError(problem)
     if conn.execute("SELECT to_regclass('outbox.relay_batches')").fetchone()[0] is None:
         raise FatalError("the outbox schema is missing or outdated in this database. Fix: run `outbox migrate` "
                          "against OUTBOX_DATABASE_URL.")

@@ -65,15 +65,20 @@ WAL_LEVEL_FIX = (
     "(self-hosted: `pg_ctl restart -D <datadir>` or `systemctl restart postgresql`; "
     "Amazon RDS/Aurora: set rds.logical_replication = 1 in the parameter group and reboot; "
     "Google Cloud SQL: set the flag cloudsql.logical_decoding = on; "
-    "Azure: set wal_level = logical in the server parameters). "
-    "Use --no-wal-check to install the schema anyway."
+    "Azure: set wal_level = logical in the server parameters)."
 )
 
 
-def check_wal_level(conn: psycopg.Connection) -> None:
+def wal_level_problem(conn: psycopg.Connection) -> str | None:
+    """What is wrong and the fix when this server cannot feed a logical replication slot, else None.
+    Shared by `outbox migrate` and the relay's start-up check."""
     level = conn.execute("SHOW wal_level").fetchone()[0]
-    if level != "logical":
-        raise WalLevelError(WAL_LEVEL_FIX.format(level=level))
+    return None if level == "logical" else WAL_LEVEL_FIX.format(level=level)
+
+
+def check_wal_level(conn: psycopg.Connection) -> None:
+    if (problem := wal_level_problem(conn)) is not None:
+        raise WalLevelError(problem + " Use --no-wal-check to install the schema anyway.")
 
 
 def migrate(dsn: Dsn, *, wal_check: bool = True, log=print) -> list[Migration]:
