@@ -15,19 +15,33 @@
 from __future__ import annotations
 
 import json
+import platform
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from outbox import __version__
 from outbox.core.redact import redact
+
+# pg_replication_slots.wal_status, plus 'missing' when the slot is gone.
+WAL_STATES = ["reserved", "extended", "unreserved", "lost", "missing"]
 
 
 class RelayMetrics:
-    def __init__(self) -> None:
+    def __init__(self, kafka_client: str = "kafka-python") -> None:
         r = self.registry = CollectorRegistry()
         self.published = Counter("outbox_relay_events_published", "Events acknowledged by Kafka", registry=r)
         self.dead_lettered = Counter("outbox_relay_events_dead_lettered", "Events sent to the dead-letter table",
@@ -47,11 +61,24 @@ class RelayMetrics:
         self.standby_lag_bytes = Gauge("outbox_relay_standby_lag_bytes",
                                        "WAL the standby named in synchronized_standby_slots has not confirmed",
                                        registry=r)
+        self.slot_wal_status = Gauge(
+            "outbox_relay_slot_wal_status", "1 for the slot's wal_status, 0 for the others: reserved/extended are "
+            "fine, unreserved is about to be invalidated (past max_slot_wal_keep_size), lost needs "
+            "`outbox relay --recreate-slot`", ["state"], registry=r)
+        self.slot_safe_wal_size = Gauge(
+            "outbox_relay_slot_safe_wal_size_bytes", "WAL that can still be written before the slot is invalidated "
+            "(pg_replication_slots.safe_wal_size); NaN when max_slot_wal_keep_size is unlimited", registry=r)
+        self.slot_safe_wal_size.set(float("nan"))
         self.active = Gauge("outbox_relay_active", "1 while this process streams the slot, 0 on standby", registry=r)
         self.confirmed_lsn = Gauge("outbox_relay_confirmed_lsn", "Slot position confirmed to PostgreSQL", registry=r)
         self.latency = Histogram(
             "outbox_relay_publish_latency_seconds", "Source commit to Kafka acknowledgement",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
+        # The standard process_* and python_* series (CPU, RSS, open fds, GC), and what is running.
+        r.register(PROCESS_COLLECTOR)
+        r.register(PLATFORM_COLLECTOR)
+        self.build = Info("outbox_relay_build", "Version of the relay and its runtime", registry=r)
+        self.build.info({"version": __version__, "python": platform.python_version(), "kafka_client": kafka_client})
         self.last_tick = time.monotonic()
         self.role = "starting"
         self.last_error: str | None = None
@@ -59,6 +86,10 @@ class RelayMetrics:
         self.stalled = False  # events wait and nothing was acknowledged for OUTBOX_STALL_TIMEOUT_S
         self.bind_host = "127.0.0.1"  # where serve() listens unless told otherwise (OUTBOX_METRICS_HOST)
         self._init_readiness()
+
+    def set_wal_status(self, state: str) -> None:
+        for s in WAL_STATES:
+            self.slot_wal_status.labels(s).set(1 if s == state else 0)
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()

@@ -30,7 +30,7 @@ from relay import ledger as ledger_sql
 from relay.bookkeeper import CLOSE, OPEN, PERSIST, SEND, Batch, Bookkeeper, Failure, Restart
 from relay.checkpoint import Checkpoint
 from relay.ledger import Ledger, Outcome
-from relay.metrics import RelayMetrics
+from relay.metrics import WAL_STATES, RelayMetrics
 from relay.pgoutput import (
     Begin,
     Commit,
@@ -405,8 +405,10 @@ class Pipeline:
             self.watermark = self.watermarks.pop(0)[1]
         lag = c.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, wal_status, "
                         "EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = %s AND schemaname = 'outbox' "
-                        "AND tablename = 'events') FROM pg_replication_slots WHERE slot_name = %s",
+                        "AND tablename = 'events'), safe_wal_size FROM pg_replication_slots WHERE slot_name = %s",
                         (self.s.publication, self.s.slot_name)).fetchone()
+        self.metrics.set_wal_status(lag[1] if lag is not None and lag[1] in WAL_STATES else "missing")
+        self.metrics.slot_safe_wal_size.set(float("nan") if lag is None or lag[3] is None else lag[3])
         if lag is not None:
             if not lag[2]:
                 # PostgreSQL 18 no longer fails decoding when a publication disappears; it silently

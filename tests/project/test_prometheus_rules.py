@@ -25,6 +25,7 @@ def exported_names() -> set[str]:
     m = RelayMetrics()
     m.dead_lettered.labels("too_large").inc()
     m.batches.labels("acked").inc()
+    m.set_wal_status("reserved")
     return {sample.name for family in m.registry.collect() for sample in family.samples}
 
 
