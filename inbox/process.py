@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from inbox import codec, store
+from inbox import codec, store, tracing
 from inbox.errors import InboxError, NonRetryable
 from inbox.message import Message, Record
 from inbox.plan import Partition, Plan, plan_batch
@@ -124,7 +124,8 @@ def check_consumer_name(consumer: str) -> None:
 
 class _Batch:
     def __init__(self, conn, consumer, handler, policy, interrupt, deadline):
-        self.conn, self.consumer, self.handler, self.policy = conn, consumer, handler, policy
+        self.conn, self.consumer, self.policy = conn, consumer, policy
+        self.handler = tracing.instrument(handler)
         self.interrupt, self.deadline = interrupt, deadline
         self.result = BatchResult()
         self.retrying = False  # once a handler failed, SIGTERM may stop us between records

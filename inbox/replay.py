@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.rows import dict_row
 
-from inbox import codec
+from inbox import codec, tracing
 from inbox.message import Message, StoredRecord
 from inbox.process import Handler
 
@@ -42,6 +42,7 @@ def replay_requested(conn: psycopg.Connection, consumer: str, handler: Handler, 
     """Run the handler on this consumer's dead letters whose replay was requested, oldest first.
     A failure puts the dead letter back to `dead` with the new error; nothing is retried here."""
     report = ReplayReport([], {})
+    handler = tracing.instrument(handler)
     last_id = 0
     for _ in range(limit):
         outcome = _replay_one(conn, consumer, handler, last_id)

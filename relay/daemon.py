@@ -88,7 +88,7 @@ class Relay:
                  metrics: RelayMetrics | None = None):
         self.s = settings
         self.dsn = settings.require_database_url()
-        self.metrics = metrics or RelayMetrics()
+        self.metrics = metrics or RelayMetrics(settings.kafka_client)
         self.recreate_slot = recreate_slot
         self.reset_checkpoint = reset_checkpoint
         self.stop = threading.Event()

@@ -51,7 +51,7 @@ def test_dev_extra_pulls_every_other_extra():
     self_ref = next(r for r in dev if r.startswith("pg-outbox-relay["))
     others = set(project["optional-dependencies"]) - {"dev"}
     assert set(self_ref.split("[")[1].rstrip("]").split(",")) == others == {"embedded", "codecs", "dashboard",
-                                                                            "confluent"}
+                                                                            "confluent", "tracing"}
 
 
 def test_wheel_ships_py_typed(wheel):
