@@ -44,22 +44,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                     "suppressed as a duplicate of itself). A failing replay puts the dead letter "
                                     "back with the new error.")
     _selection_args(rp, allow_all=True)
+    rp.add_argument("--dry-run", action="store_true", help="show what would be replayed, change nothing")
     rp.add_argument("--wait", type=float, metavar="SECONDS", default=0,
                     help="wait up to SECONDS for the consumer to perform the replays and report each outcome")
     rp.set_defaults(func=_replay)
 
     ds = sub.add_parser("discard", help="give up on dead letters (kept for the record, purged by retention)")
     _selection_args(ds, allow_all=False)
+    ds.add_argument("--dry-run", action="store_true", help="show what would be discarded, change nothing")
     ds.set_defaults(func=_discard)
 
     pg = sub.add_parser("purge", help="delete inbox rows and resolved records past the retention window",
-                        description="Deletes, in bounded batches: inbox rows not seen for --days (a duplicate "
-                                    "arriving later is accepted again, see docs/inbox.md), per-minute stats and "
-                                    "replayed/discarded dead letters older than --days, and settled effect keys "
-                                    "older than --effect-days. Run it from cron or a scheduler.")
-    pg.add_argument("--days", type=float, help="inbox window in days (default OUTBOX_INBOX_RETENTION_DAYS)")
-    pg.add_argument("--effect-days", type=float, help="effects window in days (default OUTBOX_EFFECT_RETENTION_DAYS)")
-    pg.add_argument("--batch", type=int, help="rows per DELETE (default OUTBOX_INBOX_PURGE_BATCH)")
+                        description="Deletes, in bounded batches: inbox rows not seen for --older-than (a "
+                                    "duplicate arriving later is accepted again, see docs/inbox.md), per-minute "
+                                    "stats and replayed/discarded dead letters older than --older-than, and settled "
+                                    "effect keys older than --effects-older-than. Run it from cron or a scheduler. "
+                                    "Same flags as `outbox prune`.")
+    pg.add_argument("--older-than", metavar="INTERVAL",
+                    help="inbox window, a PostgreSQL interval such as '30 days' (default OUTBOX_INBOX_RETENTION_DAYS)")
+    pg.add_argument("--effects-older-than", metavar="INTERVAL",
+                    help="effects window, a PostgreSQL interval (default OUTBOX_EFFECT_RETENTION_DAYS)")
+    pg.add_argument("--batch-size", type=int, metavar="N", help="rows per DELETE (default OUTBOX_INBOX_PURGE_BATCH)")
+    pg.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
+    # The flags before `outbox prune`'s names were shared; kept so existing cron lines keep working.
+    pg.add_argument("--days", type=float, help=argparse.SUPPRESS)
+    pg.add_argument("--effect-days", type=float, help=argparse.SUPPRESS)
+    pg.add_argument("--batch", type=int, dest="batch_size", help=argparse.SUPPRESS)
     pg.set_defaults(func=_purge)
 
 
@@ -101,11 +111,27 @@ def _dead_letters(args, settings) -> int:
         if row["event_id"] and row["status"] == "dead":
             print(f"    replay: {commands.inbox_replay(row['consumer'], row['id'])}")
         elif not row["event_id"] and row["status"] == "dead":
-            print(f"    fix the producer, then: outbox inbox discard --consumer {row['consumer']} --id {row['id']}")
+            print(f"    fix the producer, then: {commands.inbox_discard(row['consumer'], row['id'])}")
     return EXIT_OK
 
 
+def _preview(conn, args, verb: str) -> int:
+    """--dry-run of replay/discard: the dead letters the selection names that are in status dead."""
+    rows = [r for r in replay.list_dead_letters(conn, args.consumer, ids=args.ids)
+            if r["status"] == "dead" and (not args.event_ids or r["event_id"] in args.event_ids)]
+    for r in rows:
+        print(f"would {verb} #{r['id']}: event {r['event_id'] or '-'} ({r['event_type'] or '?'}), {r['reason']}")
+    missing = _missing(args, [r["id"] for r in rows], {})
+    if missing:
+        print(missing, file=sys.stderr)
+    print(f"dry run: {len(rows)} dead letter(s) would be {verb}ed, nothing was changed", file=sys.stderr)
+    return EXIT_FAILED if missing else EXIT_OK
+
+
 def _replay(args, settings) -> int:
+    if args.dry_run:
+        with _connect(settings) as conn:
+            return _preview(conn, args, "replay")
     with _connect(settings) as conn:
         requested, refused = replay.request_replay(conn, _selection(args))
         for dl_id, why in refused.items():
@@ -153,6 +179,9 @@ def _wait_for(conn, consumer: str, ids: list[int], timeout: float) -> int:
 
 
 def _discard(args, settings) -> int:
+    if args.dry_run:
+        with _connect(settings) as conn:
+            return _preview(conn, args, "discard")
     with _connect(settings) as conn:
         done = replay.discard(conn, _selection(args))
     if not done:
@@ -162,16 +191,33 @@ def _discard(args, settings) -> int:
     return EXIT_OK
 
 
+def _window(conn, interval: str | None, days: float | None, default_days: float) -> timedelta:
+    if interval is not None:
+        try:
+            return conn.execute("SELECT %s::interval", (interval,)).fetchone()[0]
+        except psycopg.errors.DataError:
+            raise ValueError(f"{interval!r} is not a PostgreSQL interval (e.g. '30 days')") from None
+    return timedelta(days=default_days if days is None else days)
+
+
 def _purge(args, settings) -> int:
-    days = settings.inbox_retention_days if args.days is None else args.days
-    effect_days = settings.effect_retention_days if args.effect_days is None else args.effect_days
-    batch = settings.inbox_purge_batch if args.batch is None else args.batch
-    if days <= 0 or effect_days <= 0 or batch < 1:
-        print("outbox inbox purge: --days and --effect-days must be > 0 and --batch >= 1", file=sys.stderr)
+    batch = settings.inbox_purge_batch if args.batch_size is None else args.batch_size
+    try:
+        with _connect(settings) as conn:
+            inbox_window = _window(conn, args.older_than, args.days, settings.inbox_retention_days)
+            effect_window = _window(conn, args.effects_older_than, args.effect_days, settings.effect_retention_days)
+    except ValueError as exc:
+        print(f"outbox inbox purge: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    report = retention.purge(settings.require_database_url(), inbox_window=timedelta(days=days),
-                             effect_window=timedelta(days=effect_days), batch=batch)
+    if inbox_window <= timedelta(0) or effect_window <= timedelta(0) or batch < 1:
+        print("outbox inbox purge: --older-than and --effects-older-than must be positive and --batch-size >= 1",
+              file=sys.stderr)
+        return EXIT_USAGE
+    report = retention.purge(settings.require_database_url(), inbox_window=inbox_window,
+                             effect_window=effect_window, batch=batch, dry_run=args.dry_run)
     parts = ", ".join(f"{n} from {table}" for table, n in report.deleted.items())
-    print(f"purged {parts} (inbox cutoff {report.cutoff:%Y-%m-%d %H:%M:%S%z}, effects cutoff "
-          f"{report.effect_cutoff:%Y-%m-%d %H:%M:%S%z}, {report.batches} batches)")
+    verb = "dry run: would purge" if args.dry_run else "purged"
+    print(f"{verb} {parts} (inbox cutoff {report.cutoff:%Y-%m-%d %H:%M:%S%z}, effects cutoff "
+          f"{report.effect_cutoff:%Y-%m-%d %H:%M:%S%z}"
+          + (", nothing was deleted)" if args.dry_run else f", {report.batches} batches)"))
     return EXIT_OK

@@ -22,35 +22,27 @@ from outbox.core.redact import Dsn
 
 log = logging.getLogger("inbox")
 
-# Each statement deletes at most %(batch)s rows older than %(cutoff)s and returns how many.
-_BATCHES = {
-    "inbox_messages": """
-        WITH victims AS (
-            SELECT event_id, consumer FROM outbox.inbox_messages
-             WHERE status = 'processed' AND last_seen < %(cutoff)s
-             ORDER BY last_seen LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
-        DELETE FROM outbox.inbox_messages m USING victims v
-         WHERE m.event_id = v.event_id AND m.consumer = v.consumer""",
-    "inbox_stats": """
-        WITH victims AS (
-            SELECT minute, consumer, topic, kafka_partition FROM outbox.inbox_stats
-             WHERE minute < %(cutoff)s ORDER BY minute LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
-        DELETE FROM outbox.inbox_stats s USING victims v
-         WHERE (s.minute, s.consumer, s.topic, s.kafka_partition)
-             = (v.minute, v.consumer, v.topic, v.kafka_partition)""",
-    "inbox_dead_letters": """
-        WITH victims AS (
-            SELECT id FROM outbox.inbox_dead_letters
-             WHERE status IN ('replayed', 'discarded') AND updated_at < %(cutoff)s
-             ORDER BY updated_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
-        DELETE FROM outbox.inbox_dead_letters d USING victims v WHERE d.id = v.id""",
-    "effects": """
-        WITH victims AS (
-            SELECT key FROM outbox.effects
-             WHERE status IN ('succeeded', 'failed') AND completed_at < %(cutoff)s
-             ORDER BY completed_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
-        DELETE FROM outbox.effects e USING victims v WHERE e.key = v.key""",
+# What is past its window, per table: (key columns, the rows past %(cutoff)s, the column they age by).
+# A purge deletes them in batches; a dry run counts them with the same predicate.
+_PAST = {
+    "inbox_messages": (("event_id", "consumer"), "status = 'processed' AND last_seen < %(cutoff)s", "last_seen"),
+    "inbox_stats": (("minute", "consumer", "topic", "kafka_partition"), "minute < %(cutoff)s", "minute"),
+    "inbox_dead_letters": (("id",), "status IN ('replayed', 'discarded') AND updated_at < %(cutoff)s", "updated_at"),
+    "effects": (("key",), "status IN ('succeeded', 'failed') AND completed_at < %(cutoff)s", "completed_at"),
 }
+
+
+def _delete_batch(table: str) -> str:
+    """At most %(batch)s rows, oldest first, skipping rows a consumer holds at that moment."""
+    keys, past, age = _PAST[table]
+    cols = ", ".join(keys)
+    return (f"WITH victims AS (SELECT {cols} FROM outbox.{table} WHERE {past} ORDER BY {age} LIMIT %(batch)s "
+            f"FOR UPDATE SKIP LOCKED) DELETE FROM outbox.{table} t USING victims v "
+            f"WHERE ({', '.join('t.' + k for k in keys)}) = ({', '.join('v.' + k for k in keys)})")
+
+
+def _count(table: str) -> str:
+    return f"SELECT count(*) FROM outbox.{table} WHERE {_PAST[table][1]}"
 
 
 @dataclass
@@ -62,9 +54,10 @@ class PurgeReport:
 
 
 def purge(dsn: Dsn | str, *, inbox_window: timedelta, effect_window: timedelta, batch: int = 5_000,
-          pause_s: float = 0.0) -> PurgeReport:
+          pause_s: float = 0.0, dry_run: bool = False) -> PurgeReport:
     """Delete what is past its window. `pause_s` between batches leaves room for the consumers'
-    own writes on a busy primary (and for replicas to keep up)."""
+    own writes on a busy primary (and for replicas to keep up). `dry_run`: count it, delete nothing
+    (report.deleted then holds what would go)."""
     if batch < 1:
         raise ValueError("batch must be at least 1")
     dsn = dsn if isinstance(dsn, Dsn) else Dsn(dsn)
@@ -74,8 +67,12 @@ def purge(dsn: Dsn | str, *, inbox_window: timedelta, effect_window: timedelta, 
         cutoff, effect_cutoff = conn.execute("SELECT now() - %s::interval, now() - %s::interval",
                                              (inbox_window, effect_window)).fetchone()
         report = PurgeReport(cutoff, effect_cutoff)
-        for table, sql in _BATCHES.items():
+        for table in _PAST:
             params = {"cutoff": effect_cutoff if table == "effects" else cutoff, "batch": batch}
+            if dry_run:
+                report.deleted[table] = conn.execute(_count(table), params).fetchone()[0]
+                continue
+            sql = _delete_batch(table)
             total = 0
             while True:
                 deleted = conn.execute(sql, params).rowcount

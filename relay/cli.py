@@ -40,18 +40,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "is claimed while it is published, so concurrent replays publish it once (the other "
                          "one reports it skipped).")
     dlq.add_argument("action", choices=["list", "replay"])
-    dlq.add_argument("ids", nargs="*", type=int, help="dead-letter ids to replay")
+    dlq.add_argument("ids", nargs="*", type=int, help="dead-letter ids to replay (or --id)")
+    dlq.add_argument("--id", type=int, nargs="+", dest="id_flags", metavar="N", default=[],
+                     help="dead letter id(s), as in `outbox inbox replay`")
     dlq.add_argument("--all", action="store_true", help="list: include replayed ones; replay: every open one")
     dlq.add_argument("--limit", type=int, default=100)
     dlq.add_argument("--json", action="store_true")
+    dlq.add_argument("--dry-run", action="store_true", help="replay: show what would be republished, publish nothing")
     dlq.set_defaults(func=_dead_letters)
 
     prune = sub.add_parser("prune", help="delete published outbox events and bookkeeping older than a window",
                            description="Retention for the outbox table: deletes events the relay has published, "
                            "with their delivery rows and finished batches, older than --older-than, in small "
                            "committed batches (no long locks). Unpublished events are never deleted.")
-    prune.add_argument("--older-than", default="7 days", help="a PostgreSQL interval (default: 7 days)")
-    prune.add_argument("--batch-size", type=int, default=10_000)
+    prune.add_argument("--older-than", default="7 days", metavar="INTERVAL",
+                       help="a PostgreSQL interval (default: 7 days)")
+    prune.add_argument("--batch-size", type=int, default=10_000, metavar="N", help="rows per DELETE (default 10000)")
+    prune.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
     prune.set_defaults(func=_prune)
 
 
@@ -87,10 +92,22 @@ def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
             print(f"#{r.id} [{state}] event {r.event_id} {r.aggregate_type}/{r.aggregate_id} {r.event_type} "
                   f"({r.reason}, {r.dead_lettered_at:%Y-%m-%d %H:%M:%S})\n    {r.error}")
         return EXIT_OK
-    if not args.ids and not args.all:
-        print("outbox dead-letters replay: give dead-letter ids, or --all", file=sys.stderr)
+    ids = args.ids + args.id_flags
+    if bool(ids) == args.all:
+        print("outbox dead-letters replay: give dead-letter ids (--id N ...) or --all, not both", file=sys.stderr)
         return EXIT_USAGE
-    report = dead_letters.replay(settings, None if args.all else args.ids,
+    if args.dry_run:
+        rows = dead_letters.list_dead_letters(settings.require_database_url(), limit=1_000_000,
+                                              ids=None if args.all else ids)
+        for r in rows:
+            print(f"would replay #{r.id}: event {r.event_id} {r.aggregate_type}/{r.aggregate_id} {r.event_type} "
+                  f"({r.reason})")
+        missing = sorted(set(ids) - {r.id for r in rows})
+        if missing:
+            print(f"no open dead letter {', '.join(map(str, missing))}", file=sys.stderr)
+        print(f"dry run: {len(rows)} dead letter(s) would be replayed, nothing was published", file=sys.stderr)
+        return EXIT_FAILED if missing else EXIT_OK
+    report = dead_letters.replay(settings, None if args.all else ids,
                                  log=lambda line: print(line, file=sys.stderr))
     skipped = f", skipped {report.skipped} (being replayed concurrently)" if report.skipped else ""
     print(f"replayed {report.replayed}, failed {report.failed}{skipped}", file=sys.stderr)
@@ -100,9 +117,17 @@ def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
 def _prune(args: argparse.Namespace, settings: Settings) -> int:
     import psycopg
 
+    if args.batch_size < 1:
+        print("outbox prune: --batch-size must be >= 1", file=sys.stderr)
+        return EXIT_USAGE
     with psycopg.connect(settings.require_database_url().secret(), autocommit=True) as conn:
-        events, deliveries, batches = conn.execute("CALL outbox.prune(%s::interval, %s)",
-                                                   (args.older_than, args.batch_size)).fetchone()
-    print(f"pruned {events} published events, {deliveries} delivery rows, {batches} batches older than "
-          f"{args.older_than}", file=sys.stderr)
+        if args.dry_run:
+            events, deliveries, batches = conn.execute("SELECT * FROM outbox.prune_preview(%s::interval)",
+                                                       (args.older_than,)).fetchone()
+        else:
+            events, deliveries, batches = conn.execute("CALL outbox.prune(%s::interval, %s)",
+                                                       (args.older_than, args.batch_size)).fetchone()
+    verb = "dry run: would prune" if args.dry_run else "pruned"
+    print(f"{verb} {events} published events, {deliveries} delivery rows, {batches} batches older than "
+          f"{args.older_than}" + (" (nothing was deleted)" if args.dry_run else ""), file=sys.stderr)
     return EXIT_OK

@@ -45,11 +45,12 @@ class DeadLetterRow:
 
 
 
-def list_dead_letters(dsn: Dsn, include_replayed: bool = False, limit: int = 100) -> list[DeadLetterRow]:
-    where = "" if include_replayed else "WHERE replayed_at IS NULL"
+def list_dead_letters(dsn: Dsn, include_replayed: bool = False, limit: int = 100,
+                      ids: list[int] | None = None) -> list[DeadLetterRow]:
     with psycopg.connect(dsn.secret()) as conn:
-        rows = conn.execute(f"SELECT {COLUMNS} FROM outbox.relay_dead_letters {where} ORDER BY id LIMIT %s",
-                            (limit,)).fetchall()
+        rows = conn.execute(f"SELECT {COLUMNS} FROM outbox.relay_dead_letters "
+                            "WHERE (%s OR replayed_at IS NULL) AND (%s::bigint[] IS NULL OR id = ANY(%s::bigint[])) "
+                            "ORDER BY id LIMIT %s", (include_replayed, ids, ids, limit)).fetchall()
     return [DeadLetterRow(*r) for r in rows]
 
 

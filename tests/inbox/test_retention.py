@@ -56,9 +56,16 @@ def test_purge_removes_only_rows_past_the_window(conn, db, monkeypatch, capsys):
                      "now() - make_interval(days => %s))", (key, status, status, days, days))
 
     monkeypatch.setenv("OUTBOX_DATABASE_URL", db.secret())
-    assert outbox_main(["inbox", "purge", "--days", "7", "--effect-days", "30", "--batch", "10"]) == 0
-    out = capsys.readouterr().out
-    assert "purged 26 from inbox_messages, 1 from inbox_stats, 2 from inbox_dead_letters, 1 from effects" in out
+    counts = "26 from inbox_messages, 1 from inbox_stats, 2 from inbox_dead_letters, 1 from effects"
+    before = conn.execute("SELECT (SELECT count(*) FROM outbox.inbox_messages), (SELECT count(*) FROM "
+                          "outbox.effects), (SELECT count(*) FROM outbox.inbox_dead_letters)").fetchone()
+    flags = ["--older-than", "7 days", "--effects-older-than", "30 days", "--batch-size", "10"]
+    assert outbox_main(["inbox", "purge", *flags, "--dry-run"]) == 0
+    assert f"dry run: would purge {counts}" in capsys.readouterr().out
+    assert conn.execute("SELECT (SELECT count(*) FROM outbox.inbox_messages), (SELECT count(*) FROM "
+                        "outbox.effects), (SELECT count(*) FROM outbox.inbox_dead_letters)").fetchone() == before
+    assert outbox_main(["inbox", "purge", *flags]) == 0
+    assert f"purged {counts}" in capsys.readouterr().out
 
     left = {r[0] for r in conn.execute("SELECT event_id FROM outbox.inbox_messages")}
     assert left == {just_in, fresh, dead, seen_again}
@@ -98,3 +105,13 @@ def test_purge_keeps_effects_that_are_not_settled(conn, db):
     report = purge(db, inbox_window=timedelta(days=7), effect_window=timedelta(days=30))
     assert report.deleted["effects"] == 1
     assert [r[0] for r in conn.execute("SELECT key FROM outbox.effects")] == ["k-busy"]
+
+
+def test_purge_keeps_the_old_day_flags_and_refuses_a_bad_interval_with_the_fix(conn, db, monkeypatch, capsys):
+    monkeypatch.setenv("OUTBOX_DATABASE_URL", db.secret())
+    assert outbox_main(["inbox", "purge", "--days", "7", "--effect-days", "30", "--batch", "10"]) == 0
+    assert "purged 0 from inbox_messages" in capsys.readouterr().out
+    assert outbox_main(["inbox", "purge", "--older-than", "a fortnight"]) == 2
+    assert "'a fortnight' is not a PostgreSQL interval (e.g. '30 days')" in capsys.readouterr().err
+    assert outbox_main(["inbox", "purge", "--older-than", "-1 day"]) == 2
+    assert "must be positive" in capsys.readouterr().err

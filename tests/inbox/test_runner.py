@@ -142,6 +142,12 @@ def test_poison_records_are_dead_lettered_the_partition_continues_and_replay_wor
     assert "cannot go through the inbox" in capsys.readouterr().err
 
     broken["on"] = False
+    assert outbox_main(["inbox", "replay", "--consumer", "ledger", "--id", str(dead[0][0]), "--dry-run"]) == 0
+    assert outbox_main(["inbox", "discard", "--consumer", "ledger", "--id", str(dead[0][0]), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"would replay #{dead[0][0]}: event {poison}" in out and f"would discard #{dead[0][0]}" in out
+    time.sleep(0.5)  # two replay checks of the running consumer: a dry run must not have requested anything
+    assert counts(db, "SELECT status FROM outbox.inbox_dead_letters WHERE id = %s", dead[0][0]) == [("dead",)]
     assert outbox_main(["inbox", "replay", "--consumer", "ledger", "--id", str(dead[0][0]), "--wait", "30"]) == 0
     assert f"dead letter {dead[0][0]}: replayed" in capsys.readouterr().out
     totals = bg.stop()

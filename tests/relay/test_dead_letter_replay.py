@@ -85,7 +85,11 @@ def test_two_concurrent_replays_of_the_same_dead_letters_publish_each_exactly_on
     rows = query(db, "SELECT count(*), count(replayed_at), count(DISTINCT replay_note) FROM outbox.relay_dead_letters")
     assert rows == [(DEAD_LETTERS, DEAD_LETTERS, DEAD_LETTERS)]
 
-    # A third replay finds nothing left to do and publishes nothing.
+    # A dry run and a third replay find nothing left to do and publish nothing.
+    dry = subprocess.run([sys.executable, "-m", "outbox.cli", "dead-letters", "replay", "--all", "--dry-run"],
+                         cwd=REPO, env={**relay_env(db, kafka, topic_prefix), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0 and "dry run: 0 dead letter(s) would be replayed" in dry.stderr, dry.stderr
     again = subprocess.run([sys.executable, "-m", "outbox.cli", "dead-letters", "replay", "--all"], cwd=REPO,
                            env={**relay_env(db, kafka, topic_prefix), "PATH": "/usr/bin:/bin"},
                            capture_output=True, text=True, timeout=60)
@@ -114,3 +118,21 @@ def test_replay_that_dies_after_publishing_before_the_mark_commits_leaves_the_de
     records = read_topic(kafka, f"{topic_prefix}.order", expect=2)
     assert [dict(r.headers)["event_id"].decode() for r in records] == [event_id, event_id]
     assert query(db, "SELECT count(replayed_at) FROM outbox.relay_dead_letters") == [(1,)]
+
+
+def test_dry_run_lists_what_a_replay_would_publish_and_publishes_nothing(db, kafka, topic_prefix):
+    first, second = insert_dead_letters(db, topic_prefix, 2)
+    env = {**relay_env(db, kafka, topic_prefix), "PATH": "/usr/bin:/bin"}
+    ids = [str(i) for (i,) in query(db, "SELECT id FROM outbox.relay_dead_letters ORDER BY id")]
+    cli = [sys.executable, "-m", "outbox.cli", "dead-letters", "replay"]
+    dry = subprocess.run([*cli, "--id", ids[1], "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == [f"would replay #{ids[1]}: event {second} order/1 OrderPlaced (oversize)"]
+    missing = subprocess.run([*cli, "--id", ids[0], "999999", "--dry-run"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 1 and "no open dead letter 999999" in missing.stderr
+    both = subprocess.run([*cli, ids[0], "--all"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert both.returncode == 2 and "not both" in both.stderr
+    assert query(db, "SELECT count(replayed_at) FROM outbox.relay_dead_letters") == [(0,)]
+    assert read_topic(kafka, f"{topic_prefix}.order", expect=1, timeout=3) == []

@@ -340,9 +340,16 @@ def test_prune_keeps_unpublished_events(db, kafka, topic_prefix):
     with psycopg.connect(db.secret(), autocommit=True) as conn:
         conn.execute("UPDATE outbox.events SET created_at = created_at - interval '30 days'")
         conn.execute("UPDATE outbox.deliveries SET delivered_at = delivered_at - interval '30 days'")
+        conn.execute("UPDATE outbox.relay_batches SET finished_at = finished_at - interval '30 days'")
+    batches = query(db, "SELECT count(*) - 1 FROM outbox.relay_batches WHERE status = 'acked'")[0][0]
     env = {**relay_env(db, kafka, topic_prefix), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "outbox.cli", "prune", "--older-than", "7 days",
-                             "--batch-size", "30"], env=env, capture_output=True, text=True)
+    prune = [sys.executable, "-m", "outbox.cli", "prune", "--older-than", "7 days", "--batch-size", "30"]
+    counts = f"100 published events, 100 delivery rows, {batches} batches older than 7 days"
+    preview = subprocess.run([*prune, "--dry-run"], env=env, capture_output=True, text=True)
+    assert preview.returncode == 0, preview.stderr
+    assert f"dry run: would prune {counts} (nothing was deleted)" in preview.stderr
+    assert query(db, "SELECT count(*) FROM outbox.events") == [(110,)]
+    result = subprocess.run(prune, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "pruned 100 published events, 100 delivery rows" in result.stderr
+    assert f"pruned {counts}" in result.stderr  # the preview counted what prune then deleted
     assert query(db, "SELECT count(*) FROM outbox.events") == [(10,)]
