@@ -21,12 +21,23 @@ def wheel(tmp_path_factory) -> Path:
     return next(out.glob("*.whl"))
 
 
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool")
+def _prometheus_tool(name: str, purpose: str) -> str:
+    """A binary of Debian's prometheus package; skipped without it, unless OUTBOX_REQUIRE_PROMTOOL=1 (CI)."""
+    path = shutil.which(name)
     if path is None:
-        message = "promtool not found: apt-get install prometheus (Debian) to check the alert rules"
+        message = f"{name} not found: apt-get install prometheus (Debian) to {purpose}"
         if os.environ.get("OUTBOX_REQUIRE_PROMTOOL") == "1":
             pytest.fail(message + " (OUTBOX_REQUIRE_PROMTOOL=1)")
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    return _prometheus_tool("promtool", "check the alert rules")
+
+
+@pytest.fixture(scope="module")
+def prometheus_binary() -> str:
+    """The Prometheus server itself, to scrape a running relay."""
+    return _prometheus_tool("prometheus", "scrape a running relay")
