@@ -34,7 +34,8 @@ def firing(port: int) -> set[str]:
 
 
 def query(port: int, expr: str) -> list[tuple[dict, float]]:
-    return [(r["metric"], float(r["value"][1])) for r in api(port, "query", query=expr)["result"]]
+    return [({k: v for k, v in r["metric"].items() if k != "__name__"}, float(r["value"][1]))
+            for r in api(port, "query", query=expr)["result"]]
 
 
 def test_prometheus_scrapes_the_relay_and_fires_relay_absent_after_it_is_killed(prometheus_binary, db, kafka,

@@ -48,7 +48,7 @@ def main() -> int:
             handled.set()
 
     runner = Runner(args.consumer, handler, dsn=settings.require_database_url(), bootstrap=settings.kafka_bootstrap,
-                    partitions=[(args.topic, 0)], group_id=None,
+                    topics=[args.topic],
                     policy=RetryPolicy(max_attempts=3, backoff_initial_s=0.05, backoff_max_s=0.1, jitter=0.0))
     thread = threading.Thread(target=runner.run, daemon=True)
     thread.start()
