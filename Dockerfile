@@ -15,6 +15,7 @@ COPY relay relay
 COPY inbox inbox
 COPY dashboard dashboard
 COPY sql sql
+COPY examples examples
 RUN /opt/outbox/bin/pip install --no-cache-dir --upgrade pip \
  && /opt/outbox/bin/pip install --no-cache-dir ".[${EXTRAS}]"
 

@@ -16,6 +16,12 @@ It can be told to misbehave for the next requests (in process: `provider.script(
     timeout   hold the request `hang_s` seconds, then close without answering; nothing charged
     drop      charge, then close the connection without answering (succeeded, but the caller
               cannot know: the case effects reconciliation exists for)
+    stall     charge, then hold the answer `hang_s` seconds before sending it: the window in
+              which the demo kills a worker after the provider charged and before it recorded
+
+A charge may carry `metadata` (`{"order_id": "42"}`, like Stripe's): it is kept in the charge
+log, so a test can count charges per order, not just per key (a new key per retry would be a
+double charge that key-level dedupe can never see).
 
     python -m outbox.demo.fake_provider --port 8099
 """
@@ -39,7 +45,7 @@ from typing import Any
 from inbox.effects import Reconciled
 from inbox.errors import DefiniteFailure
 
-BEHAVIOURS = ("ok", "slow", "decline", "error", "timeout", "drop")
+BEHAVIOURS = ("ok", "slow", "decline", "error", "timeout", "drop", "stall")
 
 
 @dataclass
@@ -178,13 +184,19 @@ def _make_handler(provider: FakeProvider):
                 with state.lock:
                     charge = {"id": f"ch_{len(state.charges) + 1:06d}", "amount": body.get("amount"),
                               "currency": body.get("currency"), "status": "succeeded", "idempotency_key": key,
-                              "created": time.time()}
+                              "metadata": body.get("metadata") or {}, "created": time.time()}
                     state.charges.append(charge)
                 status, response = 201, charge
             with state.lock:
                 state.keys[key] = {"fingerprint": fp, "status": status, "body": response}
             if behaviour == "drop":
                 return self._drop()
+            if behaviour == "stall":
+                state.closing.wait(provider.hang_s)
+                try:
+                    return self._send(status, response)
+                except OSError:  # the caller gave up (timed out, or was killed): nobody to answer
+                    return self._drop()
             self._send(status, response)
 
         def _send(self, status: int, body: dict, replayed: bool = False) -> None:
@@ -217,9 +229,11 @@ class ProviderClient:
         parts = urllib.parse.urlsplit(url)
         self.host, self.port, self.timeout_s = parts.hostname, parts.port, timeout_s
 
-    def charge(self, key: str, amount: int, currency: str) -> dict:
-        status, body, _ = self._request("POST", "/v1/charges", {"amount": amount, "currency": currency},
-                                        {"Idempotency-Key": key})
+    def charge(self, key: str, amount: int, currency: str, metadata: dict | None = None) -> dict:
+        request: dict[str, Any] = {"amount": amount, "currency": currency}
+        if metadata:
+            request["metadata"] = metadata
+        status, body, _ = self._request("POST", "/v1/charges", request, {"Idempotency-Key": key})
         if 200 <= status < 300:
             return body
         if status in (400, 402, 422):

@@ -51,6 +51,22 @@ def test_idempotency_key_semantics():
             provider.script("explode")
 
 
+def test_stall_charges_before_holding_the_answer_and_the_log_keeps_metadata():
+    """`stall` is the demo's crash window: the charge is in the log while the caller still waits."""
+    with FakeProvider(hang_s=1.0) as provider:
+        client = ProviderClient(provider.url, timeout_s=0.3)
+        provider.script("stall")
+        with pytest.raises(ProviderUnavailable, match="no answer"):
+            client.charge("charge:order-7", 500, "EUR", metadata={"order_id": "7"})
+        assert [(c["idempotency_key"], c["metadata"]) for c in provider.charges()] == [
+            ("charge:order-7", {"order_id": "7"})]
+        assert client.lookup("charge:order-7").outcome == "succeeded"
+        # Asked again with the same key (and body), the provider replays: still one charge.
+        assert ProviderClient(provider.url, timeout_s=5).charge(
+            "charge:order-7", 500, "EUR", metadata={"order_id": "7"})["id"] == provider.charges()[0]["id"]
+        assert len(provider.charges()) == 1
+
+
 def test_standalone_server_is_scriptable_over_http_and_stops_on_sigterm():
     proc = subprocess.Popen([sys.executable, "-m", "outbox.demo.fake_provider", "--port", "0", "--hang-s", "0.2"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

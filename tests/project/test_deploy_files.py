@@ -354,5 +354,6 @@ def test_the_build_stage_has_all_the_wheel_needs(tmp_path):
                 for p in (REPO / pkg).rglob("*.py") if "__pycache__" not in p.parts}
     assert expected <= names, sorted(expected - names)
     assert {f"outbox/sql/{p.name}" for p in (REPO / "sql").glob("*.sql")} <= names
+    assert {f"outbox/examples/{p.name}" for p in (REPO / "examples").glob("*.py")} <= names  # `outbox demo` runs them
     assert {"outbox/py.typed", "relay/py.typed", "inbox/py.typed", "dashboard/py.typed",
             "outbox/devstack/kafka-4.1.1.lock"} <= names

@@ -60,6 +60,14 @@ def test_wheel_ships_py_typed(wheel):
         assert f"{package}/py.typed" in names
 
 
+def test_wheel_ships_the_examples_the_demo_runs(wheel):
+    """examples/ is the one copy of the reference services: `outbox demo` imports it as
+    outbox.examples, so a plain `pip install` must carry it (and no top-level `examples`)."""
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {f"outbox/examples/{p.name}" for p in (REPO / "examples").glob("*.py")} <= set(names)
+    assert not any(n.startswith("examples/") for n in names)
+
+
 def run_without(modules: list[str], *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`outbox ARGV` in a Python where `modules` cannot be imported, as if their extra was not installed
     (a None entry in sys.modules makes both `import` and importlib.util.find_spec say so)."""

@@ -5,6 +5,8 @@
                            the dev stack or the demo (an application embedding the inbox never
                            loads the relay)
     outbox.devstack        stands on outbox.core only
+    outbox.examples        (examples/ in the repository) the reference services: stand on the
+                           inbox and outbox.core, like an application; no component imports them
     outbox.cli             the one module that wires every component's subcommands together
 """
 
@@ -20,11 +22,13 @@ from tests.support.paths import REPO
 
 PACKAGES = ("outbox", "relay", "inbox", "dashboard")
 COMPONENTS = {"relay", "inbox", "dashboard"}
-TOOLING = {"outbox.cli", "outbox.devstack", "outbox.demo", "outbox.__main__"}
+TOOLING = {"outbox.cli", "outbox.devstack", "outbox.demo", "outbox.examples", "outbox.__main__"}
 
 
 def module_name(path) -> str:
     parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[0] == "examples":  # shipped as outbox.examples (pyproject.toml, package-dir)
+        parts.insert(0, "outbox")
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -43,7 +47,7 @@ def imports_of(path) -> set[str]:
     return {name for name in found if name.split(".")[0] in PACKAGES}
 
 
-GRAPH = {module_name(p): imports_of(p) for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
+GRAPH = {module_name(p): imports_of(p) for pkg in (*PACKAGES, "examples") for p in (REPO / pkg).rglob("*.py")}
 
 
 def within(name: str, prefixes) -> bool:
@@ -70,7 +74,16 @@ def test_a_component_imports_no_other_component_and_no_tooling(component):
 
 
 def test_the_dev_stack_stands_on_the_core_only():
-    assert violations({"outbox.devstack"}, COMPONENTS | {"outbox.cli", "outbox.demo"}) == []
+    assert violations({"outbox.devstack"}, COMPONENTS | {"outbox.cli", "outbox.demo", "outbox.examples"}) == []
+
+
+def test_the_examples_stand_where_an_application_does():
+    """What users copy must not reach into the relay, the dashboard or the tooling; the fake
+    provider's client is the one stand-in they replace (by their provider's SDK)."""
+    assert violations({"outbox.examples"}, {"relay", "dashboard", "outbox.cli", "outbox.devstack"}) == []
+    demo = {dep for mod, deps in GRAPH.items() if within(mod, {"outbox.examples"}) for dep in deps
+            if within(dep, {"outbox.demo"})}
+    assert demo <= {"outbox.demo.fake_provider", "outbox.demo.fake_provider.ProviderClient"}
 
 
 def test_only_the_cli_imports_the_components_subcommands():
