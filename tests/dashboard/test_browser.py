@@ -12,7 +12,6 @@ import time
 from urllib.parse import urlencode
 
 
-
 def _wait_for_text(driver, expected: list[str], timeout: float = 30) -> str:
     deadline = time.monotonic() + timeout
     text = ""
