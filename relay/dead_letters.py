@@ -70,7 +70,7 @@ def replay(settings: Settings, ids: list[int] | None, log=print) -> ReplayReport
     the mark leaves the row open and replayable (the event may then reach Kafka twice, which
     consumers deduplicate on event_id), never marked without having been published."""
     dsn = settings.require_database_url()
-    router = Router(settings.topic_template)
+    router = Router(settings.topic_template, reserved=frozenset({settings.checkpoint_topic}))
     producer = KafkaProducer(**producer_config(settings))
     report = ReplayReport()
     try:

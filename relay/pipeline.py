@@ -95,7 +95,7 @@ class Pipeline:
             batch_max_age_s=s.batch_max_age_ms / 1000, max_inflight_events=s.max_inflight_events,
             max_inflight_bytes=s.max_inflight_bytes, confirmed=confirmed_lsn, now=time.monotonic(),
             checkpoint=checkpoint, poison=poison)
-        self.router = Router(settings.topic_template)
+        self.router = Router(settings.topic_template, reserved=frozenset({settings.checkpoint_topic}))
         self.layouts: dict[int, Layout] = {}
         self.txn_info: Txn | None = None
         self.status_due = False

@@ -100,8 +100,10 @@ class Record:
 
 
 class Router:
-    def __init__(self, topic_template: str):
+    def __init__(self, topic_template: str, reserved: frozenset[str] = frozenset()):
+        """`reserved`: topics no event may be routed to (the relay's checkpoint topic)."""
         self.template = topic_template
+        self.reserved = reserved
         fields = {name for _, name, _, _ in string.Formatter().parse(topic_template) if name}
         self._uses_event_type = "event_type" in fields
         self._topics: dict[tuple[bytes, bytes], str] = {}
@@ -119,6 +121,16 @@ class Router:
                     f"name (1-249 characters of a-z A-Z 0-9 . _ -). Fix: use aggregate types made of those "
                     f"characters, or change the template; then replay the dead letter.",
                 )
+            if topic in self.reserved or topic.startswith("__"):
+                # aggregate_type comes from whoever calls outbox.emit: it must not reach the topics
+                # the relay's own bookkeeping trusts (a record keyed like a checkpoint there would be
+                # read back as one and skip events) or Kafka's internal ones.
+                raise RouteError(
+                    "reserved_topic",
+                    f"topic {topic!r} formed by OUTBOX_TOPIC_TEMPLATE={self.template!r} is reserved (the relay's "
+                    f"checkpoint topic, or a Kafka-internal '__' topic), so no event may be written to it. Fix: "
+                    f"use another aggregate type, or change OUTBOX_TOPIC_TEMPLATE or OUTBOX_CHECKPOINT_TOPIC; then "
+                    f"replay the dead letter.")
             if len(self._topics) < 100_000:
                 self._topics[cache_key] = topic
         return topic

@@ -102,6 +102,21 @@ def test_unpublishable_events_are_dead_lettered_and_the_rest_flow(db, kafka, top
     assert query(db, "SELECT count(*) FROM outbox.relay_batches WHERE status = 'in_flight'") == [(0,)]
 
 
+def test_an_event_routed_to_the_checkpoint_topic_is_dead_lettered_not_written_there(db, kafka, topic_prefix):
+    """aggregate_type comes from whoever calls outbox.emit; with a template like "<prefix>.{aggregate_type}"
+    one named "checkpoints" formed the relay's own checkpoint topic, which exactly-once reads back."""
+    with RelayThread(relay_settings(db, kafka, topic_prefix, delivery="exactly-once")):
+        wait_streaming(db)
+        ids = emit(db, [("order", "1", "Small", {"n": 1}, {}), ("checkpoints", "1", "Forged", {"commit_lsn": 1}, {}),
+                        ("order", "1", "Small", {"n": 2}, {})])
+        records = read_topic(kafka, f"{topic_prefix}.order", expect=2, isolation="read_committed", settle=1.0)
+        wait_for(lambda: query(db, "SELECT count(*) FROM outbox.relay_dead_letters")[0][0] == 1, 30, "the dead letter")
+    assert [json.loads(r.value)["n"] for r in records] == [1, 2]
+    assert query(db, "SELECT event_id::text, reason FROM outbox.relay_dead_letters") == [(ids[1], "reserved_topic")]
+    checkpoints = read_topic(kafka, f"{topic_prefix}.checkpoints", expect=1, isolation="read_committed", settle=1.0)
+    assert checkpoints and all(dict(r.headers).get("event_id") is None for r in checkpoints)
+
+
 @pytest.mark.slow
 def test_broker_down_for_20_s_mid_load_loses_nothing(db, topic_prefix, own_broker):
     broker, pid, port = own_broker

@@ -34,3 +34,14 @@ def test_text_that_is_not_utf8_is_refused_by_the_router_with_the_column(column):
         Router("t.{aggregate_type}").route(layout, tuple(row.values()), Txn.of(1, 0))
     assert err.value.reason == "invalid_encoding" and column in str(err.value)
 
+
+
+@pytest.mark.parametrize("template, aggregate_type", [("t.{aggregate_type}", "checkpoints"),
+                                                      ("_{aggregate_type}", "_consumer_offsets")])
+def test_an_aggregate_type_that_names_a_reserved_topic_is_refused(template, aggregate_type):
+    router = Router(template, reserved=frozenset({"t.checkpoints"}))
+    with pytest.raises(RouteError) as err:
+        router.topic(aggregate_type.encode(), b"Placed")
+    assert err.value.reason == "reserved_topic" and "Fix:" in str(err.value)
+    router = Router("t.{aggregate_type}", reserved=frozenset({"t.checkpoints"}))
+    assert router.topic(b"order", b"Placed") == "t.order"
