@@ -44,10 +44,12 @@ from kafka.structs import OffsetAndMetadata
 
 from inbox import horizon, store
 from inbox.errors import InboxError
+from inbox.metrics import InboxMetrics
 from inbox.plan import plan_batch
 from inbox.process import BatchResult, Handler, check_consumer_name, process
 from inbox.replay import replay_requested
 from inbox.retry import DEFAULT_POLICY, RetryPolicy
+from outbox.core import probes
 from outbox.core.redact import Dsn, redact
 from outbox.core.settings import Settings
 
@@ -55,6 +57,7 @@ log = logging.getLogger("inbox")
 
 DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
 KAFKA_COMMIT_INTERVAL_S = 1.0
+LAG_TIMEOUT_MS = 2_000  # one end-offsets request for the lag gauge; skipped (logged at debug) past it
 RECONNECT_BACKOFF_S = (0.5, 10.0)  # first wait, cap; doubling while PostgreSQL stays unreachable
 _by_partition = operator.itemgetter(0)
 
@@ -73,7 +76,8 @@ class Runner:
                  partitions: Sequence[tuple[str, int]] | None = None, group_id: str | None | object = SAME_AS_CONSUMER,
                  policy: RetryPolicy = DEFAULT_POLICY, max_poll_records: int = 2000, poll_timeout_s: float = 1.0,
                  replay_check_s: float = 5.0, kafka_config: Mapping | None = None,
-                 retention_window_s: float | None = None, allow_short_dedupe_window: bool = False):
+                 retention_window_s: float | None = None, allow_short_dedupe_window: bool = False,
+                 metrics_port: int | None = None, metrics_host: str | None = None, lag_interval_s: float = 10.0):
         """consumer    the inbox's name for this logical consumer (also the Kafka group by default)
         topics / pattern / partitions   what to read: a subscription (group-managed) or fixed partitions
         group_id    Kafka consumer group; defaults to the consumer name. None (fixed partitions only):
@@ -87,7 +91,12 @@ class Runner:
                     from_settings passes it; the settings' default otherwise). math.inf: never purged.
                     At start, refused if shorter than a subscribed topic's retention.ms
         allow_short_dedupe_window  start anyway (with a warning): for handlers that tolerate
-                    duplicates older than the window"""
+                    duplicates older than the window
+        metrics_port  serve /metrics, /healthz and /readyz on it while run() runs (0: any free port,
+                    see metrics_address; None, the default: no server). The metrics themselves are
+                    always kept, in runner.metrics.registry (one registry per Runner)
+        metrics_host  address to listen on (OUTBOX_METRICS_HOST; 127.0.0.1 by default)
+        lag_interval_s  how often the consumer-lag gauge asks Kafka for the partitions' end offsets"""
         check_consumer_name(consumer)
         if sum(bool(x) for x in (topics, pattern, partitions)) != 1:
             raise InboxError("give exactly one of topics=[...], pattern='...' or partitions=[(topic, partition)]")
@@ -124,6 +133,11 @@ class Runner:
         policy.check_fits(self.budget_s, "half of max_poll_interval_ms")
 
         self.totals = BatchResult()  # written by the poll loop only; read it any time
+        # Liveness: the poll loop turns at least once per max_poll_interval_ms (Kafka's own bound).
+        self.metrics = InboxMetrics(consumer, stale_after_s=2 * self.budget_s + poll_timeout_s)
+        self.metrics_port, self.metrics_host = metrics_port, metrics_host or probes.DEFAULT_HOST
+        self.metrics_address: tuple[str, int] | None = None  # (host, port) while the server listens
+        self.lag_interval_s = lag_interval_s
         self._control = _Control()
         self._started = False
 
@@ -133,6 +147,8 @@ class Runner:
         kwargs.setdefault("max_poll_records", settings.inbox_poll_records)
         kwargs.setdefault("retention_window_s", settings.inbox_retention_days * horizon.DAY_S)
         kwargs["kafka_config"] = {**settings.kafka_security(), **(kwargs.get("kafka_config") or {})}
+        kwargs.setdefault("metrics_port", settings.inbox_metrics_port or None)  # 0: no server
+        kwargs.setdefault("metrics_host", settings.metrics_host)
         return cls(consumer, handler, dsn=settings.require_database_url(), bootstrap=settings.kafka_servers, **kwargs)
 
     def stop(self) -> None:
@@ -149,26 +165,51 @@ class Runner:
         self._started = True
         # Before joining the group: a consumer that would apply old redeliveries twice must not start.
         self._check_dedupe_window(self.topics or {tp.topic for tp in self.partitions})
-        worker = _Worker(self, self._control)
-        kc = KafkaConsumer(**self.kafka_config)
-        log.info("inbox consumer %s starting: group %s, %s, PostgreSQL %s", self.consumer,
-                 self.kafka_config["group_id"], self.pattern or self.topics or self.partitions, self.dsn)
-        loop = _PollLoop(self, kc, worker, self._control)
+        server = self._serve_metrics()
+        metrics = self.metrics
+        metrics.running = True
+        metrics.tick()
         try:
-            if self.partitions:
-                kc.assign(self.partitions)
-                loop.position(self.partitions)
-            else:
-                kc.subscribe(topics=self.topics or (), pattern=self.pattern, listener=_Rebalance(self, loop))
-            loop.run()
-        finally:
+            worker = _Worker(self, self._control)
             try:
-                kc.close(autocommit=False)
+                kc = KafkaConsumer(**self.kafka_config)
+                log.info("inbox consumer %s starting: group %s, %s, PostgreSQL %s", self.consumer,
+                         self.kafka_config["group_id"], self.pattern or self.topics or self.partitions, self.dsn)
+                loop = _PollLoop(self, kc, worker, self._control)
+                try:
+                    if self.partitions:
+                        kc.assign(self.partitions)
+                        loop.position(self.partitions)
+                    else:
+                        kc.subscribe(topics=self.topics or (), pattern=self.pattern, listener=_Rebalance(self, loop))
+                    loop.run()
+                finally:
+                    kc.close(autocommit=False)
             finally:
                 worker.close()
+        except BaseException as exc:
+            metrics.last_error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            metrics.running = False
+            metrics.assigned_partitions = 0
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+                self.metrics_address = None
         log.info("inbox consumer %s stopped: %d processed, %d duplicates suppressed, %d dead-lettered",
                  self.consumer, self.totals.processed, self.totals.duplicates, self.totals.dead_lettered)
         return self.totals
+
+    def _serve_metrics(self):
+        if self.metrics_port is None:
+            return None
+        m = self.metrics
+        server = probes.serve(m.registry, m.health, m.readiness, self.metrics_port, self.metrics_host,
+                              name=f"inbox-{self.consumer}-metrics")
+        self.metrics_address = tuple(server.server_address[:2])
+        log.info("consumer %s serves /metrics, /healthz and /readyz on %s:%d", self.consumer, *self.metrics_address)
+        return server
 
     def _check_dedupe_window(self, topics) -> None:
         """See inbox/horizon.py. Each topic once per run; a pattern's topics as they get assigned."""
@@ -290,14 +331,24 @@ class _PollLoop:
         self.to_commit: dict[TopicPartition, int] = {}
         self.rewound: set[tuple[str, int]] = set()  # seeked back: drop what the current poll fetched past it
         self.last_kafka_commit = 0.0
+        self.metrics = runner.metrics
+        # Next offset per assigned partition as PostgreSQL has it (stored at assignment, committed
+        # since): what the lag gauge subtracts from the end offsets.
+        self.positions: dict[TopicPartition, int] = {}
+        self.last_lag = 0.0
 
     def run(self) -> None:
         kc, control = self.kc, self.control
+        metrics = self.metrics
         while not control.stopping.is_set():
+            metrics.tick()
             if self.outage is not None:
                 self._reconnect()
             polled = kc.poll(timeout_ms=self.runner.poll_timeout_ms)
             self._settle()
+            metrics.assigned_partitions = len(kc.assignment())
+            if time.monotonic() - self.last_lag >= self.runner.lag_interval_s:
+                self._refresh_lag()
             # Partition order, not poll order: every instance locks rows in the same order (see
             # process.lock_order); sorting the few partitions keeps each one's records in order.
             batches = [(tp, batch) for tp, batch in sorted(polled.items(), key=_by_partition)
@@ -330,7 +381,24 @@ class _PollLoop:
                 self._database_lost(exc, batch)
                 return
             self._absorb(result)
+            self.metrics.database_ok = True
         self._commit_to_kafka()
+
+    def _refresh_lag(self) -> None:
+        """End offset minus PostgreSQL's next offset, per assigned partition PostgreSQL has a position
+        for. One ListOffsets request, at most every lag_interval_s: never per message."""
+        self.last_lag = time.monotonic()
+        assigned = [tp for tp in self.kc.assignment() if tp in self.positions]
+        if not assigned:
+            self.metrics.set_lag({})
+            return
+        try:
+            ends = self.kc.end_offsets(assigned, timeout_ms=LAG_TIMEOUT_MS)
+        except Exception as exc:  # noqa: BLE001 - a gauge may be late; the loop must not stop for it
+            log.debug("consumer %s: end offsets for the lag gauge failed: %s", self.consumer, redact(str(exc)))
+            return
+        self.metrics.set_lag({(tp.topic, tp.partition): end - self.positions[tp]
+                              for tp, end in ends.items() if end is not None and tp in self.positions})
 
     def _absorb(self, result: BatchResult | None, revoked=frozenset()) -> None:
         if result is None:
@@ -340,6 +408,7 @@ class _PollLoop:
         t.duplicates += result.duplicates
         t.dead_lettered += result.dead_lettered
         t.transactions += result.transactions
+        self.metrics.count(result)
         assigned = self.kc.assignment()
         for (topic, part), offset in result.unprocessed.items():
             tp = TopicPartition(topic, part)
@@ -349,6 +418,8 @@ class _PollLoop:
         for (topic, part), nxt in result.committed.items():
             tp = TopicPartition(topic, part)
             self.to_commit[tp] = max(nxt, self.to_commit.get(tp, 0))
+            if tp in assigned and tp not in revoked:
+                self.positions[tp] = max(nxt, self.positions.get(tp, 0))
 
     def _commit_to_kafka(self, wait: bool = False) -> None:
         if not self.to_commit or self.runner.kafka_config["group_id"] is None:
@@ -377,6 +448,7 @@ class _PollLoop:
     def _database_lost(self, exc: BaseException, batch: _Submitted | None = None) -> None:
         # Whatever the batch in flight did is decided by PostgreSQL (its commit may or may not have
         # happened): positions are re-read from there once it is back, never guessed here.
+        self.metrics.database_ok = False
         if self.outage is None:
             self.outage = _Outage(time.monotonic())
             log.warning("consumer %s lost its PostgreSQL connection (%s); pausing its partitions and "
@@ -410,8 +482,11 @@ class _PollLoop:
                 # Not added to rewound: that drops the next poll's records, which come from here on
                 # (kafka-python returns only records fetched at the current position).
                 kc.seek(tp, offset)
+        for (topic, part), offset in stored.items():
+            self.positions[TopicPartition(topic, part)] = offset
         if assigned:
             kc.resume(*assigned)
+        self.metrics.database_ok = True
         log.info("consumer %s reconnected to PostgreSQL after %.1f s; resuming %s from %s", self.consumer,
                  now - outage.since, sorted(wanted),
                  {f"{t}[{p}]": o for (t, p), o in sorted(stored.items())} or "Kafka's positions (none stored)")
@@ -421,6 +496,9 @@ class _PollLoop:
 
     def revoked(self, revoked) -> None:
         """Let the batch in flight finish and commit before the partitions go to their new owner."""
+        for tp in revoked:
+            self.positions.pop(tp, None)
+        self.metrics.forget_partitions((tp.topic, tp.partition) for tp in revoked)
         batch = self.in_flight.take()
         if batch is None:
             return
@@ -452,6 +530,9 @@ class _PollLoop:
             return
         for (topic, part), offset in stored.items():
             kc.seek(TopicPartition(topic, part), offset)
+            self.positions[TopicPartition(topic, part)] = offset
+        self.metrics.database_ok = True
+        self.last_lag = 0.0  # refresh the lag gauge at the next turn
         log.info("consumer %s assigned %s; positions from PostgreSQL: %s", self.consumer,
                  sorted(wanted), {f"{t}[{p}]": o for (t, p), o in sorted(stored.items())} or "none yet")
 
@@ -494,6 +575,7 @@ class _Worker:
         self._conn: psycopg.Connection | None = None
         self._connected_once = False
         self._last_replay_check = 0.0  # written here, read by the poll loop through replay_due()
+        self._handler = runner.metrics.timed(runner.handler)
 
     def replay_due(self) -> bool:
         return time.monotonic() - self._last_replay_check >= self.runner.replay_check_s
@@ -519,11 +601,11 @@ class _Worker:
             conn = self._connection()
             result = None
             if records:
-                result = process(conn, self.consumer, records, r.handler, policy=r.policy,
+                result = process(conn, self.consumer, records, self._handler, policy=r.policy,
                                  interrupt=interrupt, deadline=time.monotonic() + r.budget_s, plan=plan)
             if check_replays and not interrupt.is_set():
                 self._last_replay_check = time.monotonic()
-                replay_requested(conn, self.consumer, r.handler)
+                replay_requested(conn, self.consumer, self._handler)
             return result
 
     def _load_positions(self, wanted) -> dict[tuple[str, int], int]:
