@@ -11,6 +11,7 @@ idempotency-key ledger for effects outside it. See docs/inbox.md.
 """
 
 from inbox.consumer import Runner, run_consumer
+from inbox.effect_rules import EffectStatus
 from inbox.effects import EffectResult, Effects, Reconciled
 from inbox.errors import (DefiniteFailure, EffectError, EffectInProgress, EffectLeaseLost, EffectMismatch,
                           InboxError, NonRetryable, OutcomeUnknown)
@@ -23,7 +24,7 @@ from inbox.retry import RetryPolicy
 from inbox.store import load_positions
 
 __all__ = [
-    "BatchResult", "DefiniteFailure", "EffectError", "EffectInProgress", "EffectLeaseLost", "EffectMismatch", "EffectResult", "Effects",
+    "BatchResult", "DefiniteFailure", "EffectError", "EffectInProgress", "EffectLeaseLost", "EffectMismatch", "EffectResult", "EffectStatus", "Effects",
     "Handler", "Handlers", "InboxError", "Message", "NonRetryable", "OutcomeUnknown", "PayloadInvalid", "PurgeReport", "Reconciled", "RetryPolicy", "Runner", "UnknownEventType",
     "load_positions", "process", "purge", "replay_requested", "run_consumer",
 ]

@@ -16,6 +16,11 @@
   it: the partitions are paused (the group membership stays alive), the connection is retried
   with backoff, and once it is back every assigned partition resumes from the offsets stored in
   PostgreSQL, so a batch whose commit was lost is redelivered and one that committed is not.
+
+Inside, a running Runner is three parts with one owner for each piece of state (see below the
+Runner): the poll loop (_PollLoop: the KafkaConsumer, the batch in flight, positions), the worker
+(_Worker: the PostgreSQL connection on its own thread) and the rebalance listener (_Rebalance:
+no state, it asks the poll loop); what they signal each other is one small _Control.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import psycopg
 from kafka import KafkaConsumer, TopicPartition
@@ -37,10 +44,12 @@ from kafka.structs import OffsetAndMetadata
 
 from inbox import horizon, store
 from inbox.errors import InboxError
+from inbox.metrics import InboxMetrics
 from inbox.plan import plan_batch
 from inbox.process import BatchResult, Handler, check_consumer_name, process
 from inbox.replay import replay_requested
 from inbox.retry import DEFAULT_POLICY, RetryPolicy
+from outbox.core import probes
 from outbox.core.redact import Dsn, redact
 from outbox.core.settings import Settings
 
@@ -48,12 +57,15 @@ log = logging.getLogger("inbox")
 
 DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
 KAFKA_COMMIT_INTERVAL_S = 1.0
+LAG_TIMEOUT_MS = 2_000  # one end-offsets request for the lag gauge; skipped (logged at debug) past it
 RECONNECT_BACKOFF_S = (0.5, 10.0)  # first wait, cap; doubling while PostgreSQL stays unreachable
 _by_partition = operator.itemgetter(0)
 
 
 class DatabaseLost(Exception):
     """The worker's PostgreSQL connection is gone; the Runner reconnects and resumes."""
+
+
 SAME_AS_CONSUMER = object()  # group_id default: the consumer name
 DEFAULT_RETENTION_WINDOW_S = Settings.model_fields["inbox_retention_days"].default * horizon.DAY_S
 
@@ -64,7 +76,8 @@ class Runner:
                  partitions: Sequence[tuple[str, int]] | None = None, group_id: str | None | object = SAME_AS_CONSUMER,
                  policy: RetryPolicy = DEFAULT_POLICY, max_poll_records: int = 2000, poll_timeout_s: float = 1.0,
                  replay_check_s: float = 5.0, kafka_config: Mapping | None = None,
-                 retention_window_s: float | None = None, allow_short_dedupe_window: bool = False):
+                 retention_window_s: float | None = None, allow_short_dedupe_window: bool = False,
+                 metrics_port: int | None = None, metrics_host: str | None = None, lag_interval_s: float = 10.0):
         """consumer    the inbox's name for this logical consumer (also the Kafka group by default)
         topics / pattern / partitions   what to read: a subscription (group-managed) or fixed partitions
         group_id    Kafka consumer group; defaults to the consumer name. None (fixed partitions only):
@@ -78,7 +91,12 @@ class Runner:
                     from_settings passes it; the settings' default otherwise). math.inf: never purged.
                     At start, refused if shorter than a subscribed topic's retention.ms
         allow_short_dedupe_window  start anyway (with a warning): for handlers that tolerate
-                    duplicates older than the window"""
+                    duplicates older than the window
+        metrics_port  serve /metrics, /healthz and /readyz on it while run() runs (0: any free port,
+                    see metrics_address; None, the default: no server). The metrics themselves are
+                    always kept, in runner.metrics.registry (one registry per Runner)
+        metrics_host  address to listen on (OUTBOX_METRICS_HOST; 127.0.0.1 by default)
+        lag_interval_s  how often the consumer-lag gauge asks Kafka for the partitions' end offsets"""
         check_consumer_name(consumer)
         if sum(bool(x) for x in (topics, pattern, partitions)) != 1:
             raise InboxError("give exactly one of topics=[...], pattern='...' or partitions=[(topic, partition)]")
@@ -118,26 +136,14 @@ class Runner:
         self.budget_s = self.kafka_config.get("max_poll_interval_ms", DEFAULT_MAX_POLL_INTERVAL_MS) / 1000 / 2
         policy.check_fits(self.budget_s, "half of max_poll_interval_ms")
 
-        self.totals = BatchResult()
-        self._stopping = threading.Event()
-        self._interrupt = threading.Event()  # stops retries: on stop() and while partitions are revoked
-        self._worker: ThreadPoolExecutor | None = None  # one per run(); owns the PostgreSQL connection
-        self._conn: psycopg.Connection | None = None  # used only on the worker thread
-        self._pending: Future | None = None
-        self._to_commit: dict[TopicPartition, int] = {}
-        self._rewound: set[tuple[str, int]] = set()
-        self._listener_error: BaseException | None = None
-        self._last_replay_check = 0.0
-        self._last_kafka_commit = 0.0
-        # Set while PostgreSQL is unreachable: partitions paused, nothing submitted to the worker.
-        self._db_lost_since: float | None = None
-        self._connected_once = False
-        self._next_reconnect = 0.0
-        self._reconnect_delay = RECONNECT_BACKOFF_S[0]
-        # First offset per partition of the batch in flight and of records dropped while the database
-        # was away: where a partition PostgreSQL has no position for resumes after reconnecting.
-        self._pending_first: dict[TopicPartition, int] = {}
-        self._resume_from: dict[TopicPartition, int] = {}
+        self.totals = BatchResult()  # written by the poll loop only; read it any time
+        # Liveness: the poll loop turns at least once per max_poll_interval_ms (Kafka's own bound).
+        self.metrics = InboxMetrics(consumer, stale_after_s=2 * self.budget_s + poll_timeout_s)
+        self.metrics_port, self.metrics_host = metrics_port, metrics_host or probes.DEFAULT_HOST
+        self.metrics_address: tuple[str, int] | None = None  # (host, port) while the server listens
+        self.lag_interval_s = lag_interval_s
+        self._control = _Control()
+        self._started = False
 
     @classmethod
     def from_settings(cls, settings, consumer: str, handler: Handler, **kwargs) -> "Runner":
@@ -145,212 +151,69 @@ class Runner:
         kwargs.setdefault("max_poll_records", settings.inbox_poll_records)
         kwargs.setdefault("retention_window_s", settings.inbox_retention_days * horizon.DAY_S)
         kwargs["kafka_config"] = {**settings.kafka_security(), **(kwargs.get("kafka_config") or {})}
+        kwargs.setdefault("metrics_port", settings.inbox_metrics_port or None)  # 0: no server
+        kwargs.setdefault("metrics_host", settings.metrics_host)
         return cls(consumer, handler, dsn=settings.require_database_url(), bootstrap=settings.kafka_servers, **kwargs)
 
     def stop(self) -> None:
         """Finish the batch in flight, commit it, and return from run(). Safe from signal handlers."""
-        self._stopping.set()
-        self._interrupt.set()
-
-    # ----- the loop
+        self._control.stop()
 
     def run(self) -> BatchResult:
         """Consume until stop(); returns the totals. A lost database connection is waited out
         (reconnect with backoff, resume from the stored offsets); raises what stopped it otherwise
         (e.g. a database it never reached, a failing rebalance listener); a restart resumes from
         the offsets stored in PostgreSQL."""
-        if self._worker is not None:
+        if self._started:
             raise InboxError("a Runner runs once; create a new one to run again")
+        self._started = True
         # Before joining the group: a consumer that would apply old redeliveries twice must not start.
         self._check_dedupe_window(self.topics or {tp.topic for tp in self.partitions})
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inbox-{self.consumer}")
-        kc = _no_topic_creation(KafkaConsumer(**self.kafka_config), self.kafka_config)
-        log.info("inbox consumer %s starting: group %s, %s, PostgreSQL %s", self.consumer,
-                 self.kafka_config["group_id"], self.pattern or self.topics or self.partitions, self.dsn)
+        server = self._serve_metrics()
+        metrics = self.metrics
+        metrics.running = True
+        metrics.tick()
         try:
-            if self.partitions:
-                kc.assign(self.partitions)
-                self._position(kc, self.partitions)
-            else:
-                kc.subscribe(topics=self.topics or (), pattern=self.pattern, listener=_Listener(self, kc))
-            while not self._stopping.is_set():
-                if self._db_lost_since is not None:
-                    self._reconnect(kc)
-                polled = kc.poll(timeout_ms=self.poll_timeout_ms)
-                self._settle(kc)
-                # Partition order, not poll order: every instance locks rows in the same order (see
-                # process.lock_order); sorting the few partitions keeps each one's records in order.
-                batches = [(tp, batch) for tp, batch in sorted(polled.items(), key=_by_partition)
-                           if batch and (tp.topic, tp.partition) not in self._rewound]
-                self._rewound.clear()
-                if self._db_lost_since is not None:
-                    self._note_resume_points(batches)  # dropped: refetched once the database is back
-                    continue
-                records = [r for _, batch in batches for r in batch]
-                check_replays = time.monotonic() - self._last_replay_check >= self.replay_check_s
-                if records or check_replays:
-                    # Planning (envelope parsing) runs here, not on the worker: the worker then holds
-                    # the GIL only briefly, so this thread's many short hand-offs to kafka-python's IO
-                    # thread are not kept waiting behind it.
-                    plan = plan_batch(records) if records else None
-                    self._pending_first = {tp: batch[0].offset for tp, batch in batches}
-                    self._pending = self._worker.submit(self._work, records, plan, check_replays)
-            self._settle(kc)
-            self._commit_to_kafka(kc, wait=True)
-        finally:
+            worker = _Worker(self, self._control)
             try:
-                kc.close(autocommit=False)
+                kc = _no_topic_creation(KafkaConsumer(**self.kafka_config), self.kafka_config)
+                log.info("inbox consumer %s starting: group %s, %s, PostgreSQL %s", self.consumer,
+                         self.kafka_config["group_id"], self.pattern or self.topics or self.partitions, self.dsn)
+                loop = _PollLoop(self, kc, worker, self._control)
+                try:
+                    if self.partitions:
+                        kc.assign(self.partitions)
+                        loop.position(self.partitions)
+                    else:
+                        kc.subscribe(topics=self.topics or (), pattern=self.pattern, listener=_Rebalance(self, loop))
+                    loop.run()
+                finally:
+                    kc.close(autocommit=False)
             finally:
-                self._worker.submit(self._close_connection).result()
-                self._worker.shutdown()
+                worker.close()
+        except BaseException as exc:
+            metrics.last_error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            metrics.running = False
+            metrics.assigned_partitions = 0
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+                self.metrics_address = None
         log.info("inbox consumer %s stopped: %d processed, %d duplicates suppressed, %d dead-lettered",
                  self.consumer, self.totals.processed, self.totals.duplicates, self.totals.dead_lettered)
         return self.totals
 
-    def _work(self, records, plan, check_replays: bool) -> BatchResult | None:
-        """Runs on the worker thread, which owns the PostgreSQL connection."""
-        with self._losing_connection():
-            conn = self._connection()
-            result = None
-            if records:
-                result = process(conn, self.consumer, records, self.handler, policy=self.policy,
-                                 interrupt=self._interrupt, deadline=time.monotonic() + self.budget_s, plan=plan)
-            if check_replays and not self._interrupt.is_set():
-                self._last_replay_check = time.monotonic()
-                replay_requested(conn, self.consumer, self.handler)
-            return result
-
-    def _settle(self, kc: KafkaConsumer) -> None:
-        """Wait for the batch in flight; then rewind what it left and copy its offsets to Kafka."""
-        if self._listener_error is not None:
-            raise self._listener_error
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            try:
-                result = pending.result()
-            except DatabaseLost as exc:
-                self._database_lost(kc, exc)
-                return
-            self._absorb(kc, result)
-        self._commit_to_kafka(kc)
-
-    # ----- losing PostgreSQL and getting it back (main thread, or the listener inside poll)
-
-    def _database_lost(self, kc: KafkaConsumer, exc: BaseException) -> None:
-        # Whatever the batch in flight did is decided by PostgreSQL (its commit may or may not have
-        # happened): positions are re-read from there once it is back, never guessed here.
-        for tp, offset in self._pending_first.items():
-            self._resume_from[tp] = min(offset, self._resume_from.get(tp, offset))
-        self._pending_first = {}
-        if self._db_lost_since is None:
-            self._db_lost_since = time.monotonic()
-            self._reconnect_delay = RECONNECT_BACKOFF_S[0]
-            self._next_reconnect = time.monotonic() + self._reconnect_delay
-            log.warning("consumer %s lost its PostgreSQL connection (%s); pausing its partitions and "
-                        "reconnecting with backoff", self.consumer, redact(str(exc.__cause__ or exc)).strip())
-        assigned = kc.assignment()
-        if assigned:
-            kc.pause(*assigned)
-
-    def _note_resume_points(self, batches) -> None:
-        for tp, batch in batches:
-            offset = batch[0].offset
-            self._resume_from[tp] = min(offset, self._resume_from.get(tp, offset))
-
-    def _reconnect(self, kc: KafkaConsumer) -> None:
-        """One reconnection attempt when its time has come; on success, seek every assigned
-        partition to its stored offset (else to the first record dropped) and resume."""
-        now = time.monotonic()
-        if now < self._next_reconnect:
-            return
-        assigned = kc.assignment()
-        wanted = [(tp.topic, tp.partition) for tp in assigned]
-        try:
-            stored = self._worker.submit(self._load_positions, wanted).result()
-        except DatabaseLost as exc:
-            self._reconnect_delay = min(RECONNECT_BACKOFF_S[1], self._reconnect_delay * 2)
-            self._next_reconnect = time.monotonic() + self._reconnect_delay
-            log.warning("consumer %s: PostgreSQL still unreachable after %.0f s (%s); next attempt in %.1f s",
-                        self.consumer, now - self._db_lost_since, redact(str(exc.__cause__ or exc)).strip(),
-                        self._reconnect_delay)
-            return
-        for tp in assigned:
-            offset = stored.get((tp.topic, tp.partition), self._resume_from.get(tp))
-            if offset is not None:
-                # Not added to _rewound: that drops the next poll's records, which come from here on
-                # (kafka-python returns only records fetched at the current position).
-                kc.seek(tp, offset)
-        if assigned:
-            kc.resume(*assigned)
-        log.info("consumer %s reconnected to PostgreSQL after %.1f s; resuming %s from %s", self.consumer,
-                 now - self._db_lost_since, sorted(wanted),
-                 {f"{t}[{p}]": o for (t, p), o in sorted(stored.items())} or "Kafka's positions (none stored)")
-        self._db_lost_since = None
-        self._resume_from.clear()
-
-    def _load_positions(self, wanted) -> dict[tuple[str, int], int]:
-        with self._losing_connection():
-            return store.load_positions(self._connection(), self.consumer, wanted)
-
-    def _losing_connection(self):
-        return _LosingConnection(self)
-
-    def _absorb(self, kc: KafkaConsumer, result: BatchResult | None, revoked=frozenset()) -> None:
-        if result is None:
-            return
-        t = self.totals
-        t.processed += result.processed
-        t.duplicates += result.duplicates
-        t.dead_lettered += result.dead_lettered
-        t.transactions += result.transactions
-        assigned = kc.assignment()
-        for (topic, part), offset in result.unprocessed.items():
-            tp = TopicPartition(topic, part)
-            if tp in assigned and tp not in revoked:
-                kc.seek(tp, offset)  # records fetched past it are dropped by run(), refetched next poll
-                self._rewound.add((topic, part))
-        for (topic, part), nxt in result.committed.items():
-            tp = TopicPartition(topic, part)
-            self._to_commit[tp] = max(nxt, self._to_commit.get(tp, 0))
-
-    def _commit_to_kafka(self, kc: KafkaConsumer, wait: bool = False) -> None:
-        if not self._to_commit or self.kafka_config["group_id"] is None:
-            return
-        # A copy for lag tools only, so once a second is plenty: a commit per batch cost the
-        # kafka-python IO thread ~10% of the consumer's throughput.
-        now = time.monotonic()
-        if not wait and now - self._last_kafka_commit < KAFKA_COMMIT_INTERVAL_S:
-            return
-        self._last_kafka_commit = now
-        assigned = kc.assignment()
-        offsets = {tp: OffsetAndMetadata(n, "", -1) for tp, n in self._to_commit.items() if tp in assigned}
-        self._to_commit.clear()
-        if not offsets:
-            return
-        try:
-            if wait:
-                kc.commit(offsets)
-            else:
-                kc.commit_async(offsets, callback=_log_commit_failure)
-        except Exception as exc:  # noqa: BLE001 - Kafka's copy is for lag display; PostgreSQL has the truth
-            log.warning("could not copy offsets to the Kafka group (lag display only): %s", redact(str(exc)))
-
-    # ----- partition assignment (called by the listener on kafka-python's IO thread, run() blocked in poll)
-
-    def _revoked(self, kc: KafkaConsumer, revoked) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        self._interrupt.set()  # a record in its backoff stops now; the new owner resumes from PostgreSQL
-        try:
-            self._absorb(kc, pending.result(), frozenset(revoked))
-        except DatabaseLost as exc:
-            self._database_lost(kc, exc)
-        except BaseException as exc:  # noqa: BLE001 - re-raised by run() on the main thread
-            self._listener_error = exc
-        finally:
-            if not self._stopping.is_set():
-                self._interrupt.clear()
+    def _serve_metrics(self):
+        if self.metrics_port is None:
+            return None
+        m = self.metrics
+        server = probes.serve(m.registry, m.health, m.readiness, self.metrics_port, self.metrics_host,
+                              name=f"inbox-{self.consumer}-metrics")
+        self.metrics_address = tuple(server.server_address[:2])
+        log.info("consumer %s serves /metrics, /healthz and /readyz on %s:%d", self.consumer, *self.metrics_address)
+        return server
 
     def _check_dedupe_window(self, topics) -> None:
         """See inbox/horizon.py. Each topic once per run; a pattern's topics, and topics that did not
@@ -367,40 +230,395 @@ class Runner:
         self._checked_topics |= horizon.check_window(self.consumer, self.retention_window_s, horizons,
                                                      allow_short=self.allow_short_dedupe_window)
 
-    def _position(self, kc: KafkaConsumer, assigned) -> None:
-        wanted = [(tp.topic, tp.partition) for tp in assigned]
-        if {tp.topic for tp in assigned} - self._checked_topics:  # a pattern's topics, or one created since
+
+# ----- the parts of a running Runner
+#
+# Each piece of mutable state has one owner:
+#   _PollLoop  the KafkaConsumer, the batch in flight, offsets to copy to Kafka, partitions to
+#              refetch, the PostgreSQL outage, the totals
+#   _Worker    the PostgreSQL connection and the executor thread it is used on
+#   _Rebalance nothing: it asks the poll loop to settle the batch in flight or position partitions
+#   _Control   what they signal each other: stop, interrupt retries, a failure for run() to raise
+# kafka-python calls _Rebalance on its IO thread while the poll loop waits in poll(); the one
+# hand-over between the two (the batch in flight) goes through _InFlight, which has a lock.
+
+
+class _Control:
+    """The signals shared by stop(), the poll loop, the worker and the rebalance listener."""
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()  # set once by stop(); the poll loop leaves at its next turn
+        # Read by process() on the worker: a record in its retry backoff stops waiting. Set by stop()
+        # and, for the time it waits for the batch in flight, by a revocation.
+        self.interrupt = threading.Event()
+        self._failure: BaseException | None = None  # what stopped a listener; run() raises it
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.interrupt.set()
+
+    @contextmanager
+    def interrupting(self):
+        """Interrupt retries for the duration (a revocation waiting for the batch in flight)."""
+        self.interrupt.set()
+        try:
+            yield
+        finally:
+            if not self.stopping.is_set():
+                self.interrupt.clear()
+
+    def fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+
+    def raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+
+@dataclass
+class _Submitted:
+    future: Future
+    first: dict[TopicPartition, int]  # first offset per partition: where to resume if PostgreSQL was lost
+
+
+class _InFlight:
+    """The one batch the worker may be processing; taken by whoever settles it first (the poll
+    loop's next turn, or a revocation inside poll)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._batch: _Submitted | None = None
+
+    def put(self, batch: _Submitted) -> None:
+        with self._lock:
+            assert self._batch is None, "at most one batch in flight"
+            self._batch = batch
+
+    def take(self) -> _Submitted | None:
+        with self._lock:
+            batch, self._batch = self._batch, None
+            return batch
+
+
+@dataclass
+class _Outage:
+    """PostgreSQL is unreachable: partitions paused, nothing submitted, reconnects with backoff."""
+
+    since: float
+    delay: float = RECONNECT_BACKOFF_S[0]
+    next_attempt: float = 0.0
+    # First offset per partition of the batch in flight and of records dropped meanwhile: where a
+    # partition PostgreSQL has no position for resumes after reconnecting.
+    resume_from: dict[TopicPartition, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.next_attempt = self.since + self.delay
+
+    def note(self, tp: TopicPartition, offset: int) -> None:
+        self.resume_from[tp] = min(offset, self.resume_from.get(tp, offset))
+
+    def failed_again(self) -> None:
+        self.delay = min(RECONNECT_BACKOFF_S[1], self.delay * 2)
+        self.next_attempt = time.monotonic() + self.delay
+
+
+class _PollLoop:
+    """The main thread's loop: owns the KafkaConsumer and everything positions depend on."""
+
+    def __init__(self, runner: Runner, kc: KafkaConsumer, worker: "_Worker", control: _Control):
+        self.runner, self.kc, self.worker, self.control = runner, kc, worker, control
+        self.consumer = runner.consumer
+        self.totals = runner.totals
+        self.in_flight = _InFlight()
+        self.outage: _Outage | None = None
+        self.to_commit: dict[TopicPartition, int] = {}
+        self.rewound: set[tuple[str, int]] = set()  # seeked back: drop what the current poll fetched past it
+        self.last_kafka_commit = 0.0
+        self.metrics = runner.metrics
+        # Next offset per assigned partition as PostgreSQL has it (stored at assignment, committed
+        # since): what the lag gauge subtracts from the end offsets.
+        self.positions: dict[TopicPartition, int] = {}
+        self.last_lag = 0.0
+
+    def run(self) -> None:
+        kc, control = self.kc, self.control
+        metrics = self.metrics
+        while not control.stopping.is_set():
+            metrics.tick()
+            if self.outage is not None:
+                self._reconnect()
+            polled = kc.poll(timeout_ms=self.runner.poll_timeout_ms)
+            self._settle()
+            metrics.assigned_partitions = len(kc.assignment())
+            if time.monotonic() - self.last_lag >= self.runner.lag_interval_s:
+                self._refresh_lag()
+            # Partition order, not poll order: every instance locks rows in the same order (see
+            # process.lock_order); sorting the few partitions keeps each one's records in order.
+            batches = [(tp, batch) for tp, batch in sorted(polled.items(), key=_by_partition)
+                       if batch and (tp.topic, tp.partition) not in self.rewound]
+            self.rewound.clear()
+            if self.outage is not None:
+                for tp, batch in batches:  # dropped: refetched once the database is back
+                    self.outage.note(tp, batch[0].offset)
+                continue
+            records = [r for _, batch in batches for r in batch]
+            check_replays = self.worker.replay_due()
+            if records or check_replays:
+                # Planning (envelope parsing) runs here, not on the worker: the worker then holds
+                # the GIL only briefly, so this thread's many short hand-offs to kafka-python's IO
+                # thread are not kept waiting behind it.
+                plan = plan_batch(records) if records else None
+                future = self.worker.submit(records, plan, check_replays)
+                self.in_flight.put(_Submitted(future, {tp: batch[0].offset for tp, batch in batches}))
+        self._settle()
+        self._commit_to_kafka(wait=True)
+
+    def _settle(self) -> None:
+        """Wait for the batch in flight; then rewind what it left and copy its offsets to Kafka."""
+        self.control.raise_failure()
+        batch = self.in_flight.take()
+        if batch is not None:
             try:
-                self._check_dedupe_window({tp.topic for tp in assigned})
-            except InboxError as exc:
-                self._listener_error = exc  # raised by run(); the partitions stay paused meanwhile
-                kc.pause(*assigned)
+                result = batch.future.result()
+            except DatabaseLost as exc:
+                self._database_lost(exc, batch)
                 return
-        if self._db_lost_since is not None:
+            self._absorb(result)
+            self.metrics.database_ok = True
+        self._commit_to_kafka()
+
+    def _refresh_lag(self) -> None:
+        """End offset minus PostgreSQL's next offset, per assigned partition PostgreSQL has a position
+        for. One ListOffsets request, at most every lag_interval_s: never per message."""
+        self.last_lag = time.monotonic()
+        assigned = [tp for tp in self.kc.assignment() if tp in self.positions]
+        if not assigned:
+            self.metrics.set_lag({})
+            return
+        try:
+            ends = self.kc.end_offsets(assigned, timeout_ms=LAG_TIMEOUT_MS)
+        except Exception as exc:  # noqa: BLE001 - a gauge may be late; the loop must not stop for it
+            log.debug("consumer %s: end offsets for the lag gauge failed: %s", self.consumer, redact(str(exc)))
+            return
+        self.metrics.set_lag({(tp.topic, tp.partition): end - self.positions[tp]
+                              for tp, end in ends.items() if end is not None and tp in self.positions})
+
+    def _absorb(self, result: BatchResult | None, revoked=frozenset()) -> None:
+        if result is None:
+            return
+        t = self.totals
+        t.processed += result.processed
+        t.duplicates += result.duplicates
+        t.dead_lettered += result.dead_lettered
+        t.transactions += result.transactions
+        self.metrics.count(result)
+        assigned = self.kc.assignment()
+        for (topic, part), offset in result.unprocessed.items():
+            tp = TopicPartition(topic, part)
+            if tp in assigned and tp not in revoked:
+                self.kc.seek(tp, offset)  # records fetched past it are dropped by run(), refetched next poll
+                self.rewound.add((topic, part))
+        for (topic, part), nxt in result.committed.items():
+            tp = TopicPartition(topic, part)
+            self.to_commit[tp] = max(nxt, self.to_commit.get(tp, 0))
+            if tp in assigned and tp not in revoked:
+                self.positions[tp] = max(nxt, self.positions.get(tp, 0))
+
+    def _commit_to_kafka(self, wait: bool = False) -> None:
+        if not self.to_commit or self.runner.kafka_config["group_id"] is None:
+            return
+        # A copy for lag tools only, so once a second is plenty: a commit per batch cost the
+        # kafka-python IO thread ~10% of the consumer's throughput.
+        now = time.monotonic()
+        if not wait and now - self.last_kafka_commit < KAFKA_COMMIT_INTERVAL_S:
+            return
+        self.last_kafka_commit = now
+        assigned = self.kc.assignment()
+        offsets = {tp: OffsetAndMetadata(n, "", -1) for tp, n in self.to_commit.items() if tp in assigned}
+        self.to_commit.clear()
+        if not offsets:
+            return
+        try:
+            if wait:
+                self.kc.commit(offsets)
+            else:
+                self.kc.commit_async(offsets, callback=_log_commit_failure)
+        except Exception as exc:  # noqa: BLE001 - Kafka's copy is for lag display; PostgreSQL has the truth
+            log.warning("could not copy offsets to the Kafka group (lag display only): %s", redact(str(exc)))
+
+    # ----- losing PostgreSQL and getting it back
+
+    def _database_lost(self, exc: BaseException, batch: _Submitted | None = None) -> None:
+        # Whatever the batch in flight did is decided by PostgreSQL (its commit may or may not have
+        # happened): positions are re-read from there once it is back, never guessed here.
+        self.metrics.database_ok = False
+        if self.outage is None:
+            self.outage = _Outage(time.monotonic())
+            log.warning("consumer %s lost its PostgreSQL connection (%s); pausing its partitions and "
+                        "reconnecting with backoff", self.consumer, redact(str(exc.__cause__ or exc)).strip())
+        if batch is not None:
+            for tp, offset in batch.first.items():
+                self.outage.note(tp, offset)
+        assigned = self.kc.assignment()
+        if assigned:
+            self.kc.pause(*assigned)
+
+    def _reconnect(self) -> None:
+        """One reconnection attempt when its time has come; on success, seek every assigned
+        partition to its stored offset (else to the first record dropped) and resume."""
+        outage, kc = self.outage, self.kc
+        now = time.monotonic()
+        if now < outage.next_attempt:
+            return
+        assigned = kc.assignment()
+        wanted = [(tp.topic, tp.partition) for tp in assigned]
+        try:
+            stored = self.worker.load_positions(wanted)
+        except DatabaseLost as exc:
+            outage.failed_again()
+            log.warning("consumer %s: PostgreSQL still unreachable after %.0f s (%s); next attempt in %.1f s",
+                        self.consumer, now - outage.since, redact(str(exc.__cause__ or exc)).strip(), outage.delay)
+            return
+        for tp in assigned:
+            offset = stored.get((tp.topic, tp.partition), outage.resume_from.get(tp))
+            if offset is not None:
+                # Not added to rewound: that drops the next poll's records, which come from here on
+                # (kafka-python returns only records fetched at the current position).
+                kc.seek(tp, offset)
+        for (topic, part), offset in stored.items():
+            self.positions[TopicPartition(topic, part)] = offset
+        if assigned:
+            kc.resume(*assigned)
+        self.metrics.database_ok = True
+        log.info("consumer %s reconnected to PostgreSQL after %.1f s; resuming %s from %s", self.consumer,
+                 now - outage.since, sorted(wanted),
+                 {f"{t}[{p}]": o for (t, p), o in sorted(stored.items())} or "Kafka's positions (none stored)")
+        self.outage = None
+
+    # ----- partition assignment (from _Rebalance inside poll, or run() for fixed partitions)
+
+    def revoked(self, revoked) -> None:
+        """Let the batch in flight finish and commit before the partitions go to their new owner."""
+        for tp in revoked:
+            self.positions.pop(tp, None)
+        self.metrics.forget_partitions((tp.topic, tp.partition) for tp in revoked)
+        batch = self.in_flight.take()
+        if batch is None:
+            return
+        with self.control.interrupting():  # a record in its backoff stops now; the new owner resumes from PostgreSQL
+            try:
+                self._absorb(batch.future.result(), frozenset(revoked))
+            except DatabaseLost as exc:
+                self._database_lost(exc, batch)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by run() on the main thread
+                self.control.fail(exc)
+
+    def position(self, assigned) -> None:
+        """Seek newly assigned partitions to the offsets stored in PostgreSQL."""
+        kc = self.kc
+        wanted = [(tp.topic, tp.partition) for tp in assigned]
+        if self.outage is not None:
             kc.pause(*assigned)  # positioned by _reconnect once PostgreSQL is back
             return
         try:
-            stored = self._worker.submit(self._load_positions, wanted).result()
+            stored = self.worker.load_positions(wanted)
         except DatabaseLost as exc:
-            self._database_lost(kc, exc)
+            self._database_lost(exc)
             kc.pause(*assigned)
             return
         except BaseException as exc:  # noqa: BLE001
             # Reading from Kafka's committed offset instead could skip records PostgreSQL never saw
             # (e.g. after restoring the database from a backup): stop instead.
-            self._listener_error = exc
-            kc.pause(*assigned)
+            self.refuse(assigned, exc)
             return
         for (topic, part), offset in stored.items():
             kc.seek(TopicPartition(topic, part), offset)
+            self.positions[TopicPartition(topic, part)] = offset
+        self.metrics.database_ok = True
+        self.last_lag = 0.0  # refresh the lag gauge at the next turn
         log.info("consumer %s assigned %s; positions from PostgreSQL: %s", self.consumer,
                  sorted(wanted), {f"{t}[{p}]": o for (t, p), o in sorted(stored.items())} or "none yet")
 
-    # ----- the worker's connection
+    def refuse(self, assigned, exc: BaseException) -> None:
+        """Keep these partitions paused and have run() raise `exc`."""
+        self.control.fail(exc)
+        self.kc.pause(*assigned)
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """kafka-python's rebalance callbacks, handed to the poll loop; a pattern's new topics are
+    checked against the dedupe window first."""
+
+    def __init__(self, runner: Runner, loop: _PollLoop):
+        self.runner, self.loop = runner, loop
+
+    def on_partitions_revoked(self, revoked):
+        self.loop.revoked(revoked)
+
+    def on_partitions_lost(self, lost):
+        self.loop.revoked(lost)
+
+    def on_partitions_assigned(self, assigned):
+        if {tp.topic for tp in assigned} - self.runner._checked_topics:  # a pattern's, or created since start
+            try:
+                self.runner._check_dedupe_window({tp.topic for tp in assigned})
+            except InboxError as exc:
+                self.loop.refuse(assigned, exc)  # raised by run(); the partitions stay paused meanwhile
+                return
+        self.loop.position(assigned)
+
+
+class _Worker:
+    """The worker thread and the PostgreSQL connection used only on it."""
+
+    def __init__(self, runner: Runner, control: _Control):
+        self.runner, self.control = runner, control
+        self.consumer = runner.consumer
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inbox-{runner.consumer}")
+        self._conn: psycopg.Connection | None = None
+        self._connected_once = False
+        self._last_replay_check = 0.0  # written here, read by the poll loop through replay_due()
+        self._handler = runner.metrics.timed(runner.handler)
+
+    def replay_due(self) -> bool:
+        return time.monotonic() - self._last_replay_check >= self.runner.replay_check_s
+
+    def submit(self, records, plan, check_replays: bool) -> Future:
+        return self._executor.submit(self._work, records, plan, check_replays)
+
+    def load_positions(self, wanted) -> dict[tuple[str, int], int]:
+        """Blocks until the worker read them; DatabaseLost if PostgreSQL is gone."""
+        return self._executor.submit(self._load_positions, wanted).result()
+
+    def close(self) -> None:
+        try:
+            self._executor.submit(self._close_connection).result()
+        finally:
+            self._executor.shutdown()
+
+    # ----- on the worker thread
+
+    def _work(self, records, plan, check_replays: bool) -> BatchResult | None:
+        r, interrupt = self.runner, self.control.interrupt
+        with _LosingConnection(self):
+            conn = self._connection()
+            result = None
+            if records:
+                result = process(conn, self.consumer, records, self._handler, policy=r.policy,
+                                 interrupt=interrupt, deadline=time.monotonic() + r.budget_s, plan=plan)
+            if check_replays and not interrupt.is_set():
+                self._last_replay_check = time.monotonic()
+                replay_requested(conn, self.consumer, self._handler)
+            return result
+
+    def _load_positions(self, wanted) -> dict[tuple[str, int], int]:
+        with _LosingConnection(self):
+            return store.load_positions(self._connection(), self.consumer, wanted)
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.dsn.secret(), autocommit=True, connect_timeout=15,
+            self._conn = psycopg.connect(self.runner.dsn.secret(), autocommit=True, connect_timeout=15,
                                          application_name=f"inbox:{self.consumer}"[:63])
             self._connected_once = True
         return self._conn
@@ -416,8 +634,8 @@ class _LosingConnection:
     connect) becomes DatabaseLost, with the connection dropped so the next use reconnects. Errors
     on a healthy connection (a statement timeout, a lock timeout) propagate as they are."""
 
-    def __init__(self, runner: Runner):
-        self.runner = runner
+    def __init__(self, worker: _Worker):
+        self.worker = worker
 
     def __enter__(self):
         return self
@@ -425,7 +643,7 @@ class _LosingConnection:
     def __exit__(self, exc_type, exc, tb):
         if exc is None:
             return False
-        conn = self.runner._conn
+        conn = self.worker._conn
         gone = conn is not None and (conn.closed or conn.broken)
         # A handler error whose rollback then met a dead connection surfaces as psycopg.Rollback (or
         # the handler's own error): judged by the connection, not the exception type.
@@ -433,26 +651,12 @@ class _LosingConnection:
             return False
         if conn is not None and not gone:
             return False
-        if conn is None and not self.runner._connected_once:
+        if conn is None and not self.worker._connected_once:
             return False  # never reached it at all: a wrong DSN or password is reported, not retried
         if conn is not None:
             conn.close()
-        self.runner._conn = None
+        self.worker._conn = None
         raise DatabaseLost(str(exc)) from exc
-
-
-class _Listener(ConsumerRebalanceListener):
-    def __init__(self, runner: Runner, kc: KafkaConsumer):
-        self.runner, self.kc = runner, kc
-
-    def on_partitions_revoked(self, revoked):
-        self.runner._revoked(self.kc, revoked)
-
-    def on_partitions_lost(self, lost):
-        self.runner._revoked(self.kc, lost)
-
-    def on_partitions_assigned(self, assigned):
-        self.runner._position(self.kc, assigned)
 
 
 def _log_commit_failure(offsets, response) -> None:

@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import logging
@@ -35,14 +36,15 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from inbox import codec
-from inbox.effect_rules import Decision, Existing, decide, fingerprint
+from inbox import effect_sql as sql
+from inbox.effect_rules import Decision, EffectStatus, Existing, ResolvedVia, decide, fingerprint
 from inbox.errors import DefiniteFailure, EffectInProgress, EffectLeaseLost, EffectMismatch, OutcomeUnknown
 from inbox.message import Message
 from outbox.core.redact import Dsn
@@ -55,44 +57,60 @@ _json_dumps = functools.partial(json.dumps, default=str)
 @dataclass(frozen=True)
 class EffectResult:
     key: str
-    status: Literal["succeeded", "failed"]
+    status: EffectStatus  # SUCCEEDED or FAILED (a StrEnum: equal to "succeeded" / "failed")
     response: Any
     replayed: bool  # returned from the ledger without calling (Stripe's Idempotent-Replayed: true)
-    via: Literal["call", "reconcile", "operator"]  # how the stored outcome was established
+    via: ResolvedVia  # how the stored outcome was established
     attempts: int  # calls made under this key so far
 
     @property
     def ok(self) -> bool:
-        return self.status == "succeeded"
+        return self.status is EffectStatus.SUCCEEDED
+
+
+class ReconcileOutcome(enum.StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ABSENT = "absent"  # the provider has no trace of the key
 
 
 @dataclass(frozen=True)
 class Reconciled:
     """What a reconcile hook learned from the provider about a key."""
 
-    outcome: Literal["succeeded", "failed", "absent"]
+    outcome: ReconcileOutcome  # plain "succeeded" / "failed" / "absent" are accepted too
     response: Any = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "outcome", ReconcileOutcome(self.outcome))
 
     @classmethod
     def succeeded(cls, response: Any) -> "Reconciled":
-        return cls("succeeded", response)
+        return cls(ReconcileOutcome.SUCCEEDED, response)
 
     @classmethod
     def failed(cls, response: Any) -> "Reconciled":
-        return cls("failed", response)
+        return cls(ReconcileOutcome.FAILED, response)
 
     @classmethod
     def absent(cls) -> "Reconciled":
         """The provider has no trace of the key: the call never reached it, calling again is safe."""
-        return cls("absent")
+        return cls(ReconcileOutcome.ABSENT)
+
+
+class Claim(enum.Enum):
+    """What one claiming step left us with, when it did not end in a result or an error."""
+
+    LEASED = "leased"  # we hold the lease: call now
+    UNKNOWN = "unknown"  # the key's outcome is unknown: settle it before anything else
+    RETRY = "retry"  # the key changed hands between two statements: look again
+
+
+_SETTLE = {ReconcileOutcome.SUCCEEDED: EffectStatus.SUCCEEDED, ReconcileOutcome.FAILED: EffectStatus.FAILED}
 
 
 Call = Callable[[str], Any]
 Reconcile = Callable[[str, Any], "Reconciled | None"]  # None: the provider cannot tell
-
-_EVIDENCE = ("evidence = evidence || jsonb_build_array(jsonb_build_object("
-             "'at', clock_timestamp(), 'owner', %(owner)s::text, 'what', %(what)s::text, 'detail', %(detail)s::text))")
-
 
 class Effects:
     def __init__(self, dsn: Dsn | str, *, lease_s: float = 30.0, owner: str | None = None):
@@ -140,11 +158,11 @@ class Effects:
         for _ in range(3):  # the key may change hands between two of our statements: look again
             token = uuid.uuid4()
             claim = self._claim(key, fp, request, token, consumer, event_id)
-            if claim == "unknown":
+            if claim is Claim.UNKNOWN:
                 claim = self._settle_unknown(key, request, token, reconcile, idempotent)
             if isinstance(claim, EffectResult):
                 return claim
-            if claim == "leased":
+            if claim is Claim.LEASED:
                 return self._call(key, token, call)
         row = self.get(key) or {}
         raise EffectInProgress(key, row.get("lease_owner"), row.get("lease_expires_at"))
@@ -152,33 +170,25 @@ class Effects:
     def get(self, key: str) -> dict | None:
         """The ledger row of a key, for inspection."""
         with self._lock, self._connection().cursor(row_factory=dict_row) as cur:
-            return cur.execute("SELECT * FROM outbox.effects WHERE key = %s", (key,)).fetchone()
+            return cur.execute(sql.SELECT_ROW, {"key": key}).fetchone()
 
     # ----- steps
 
-    def _claim(self, key, fp, request, token, consumer, event_id) -> EffectResult | str:
-        """Lease a new key, or say what the existing one means: a result, 'unknown', or an error."""
+    def _claim(self, key, fp, request, token, consumer, event_id) -> EffectResult | Claim:
+        """Lease a new key, or say what the existing one means: a result, Claim.UNKNOWN, or an error."""
         with self._lock:
             conn = self._connection()
             with conn.transaction():
                 inserted = conn.execute(
-                    "INSERT INTO outbox.effects (key, fingerprint, request, status, attempts, lease_owner, "
-                    "lease_token, lease_expires_at, consumer, event_id, evidence) "
-                    "VALUES (%(key)s, %(fp)s, %(request)s, 'in_progress', 1, %(owner)s, %(token)s, "
-                    "now() + make_interval(secs => %(lease)s), %(consumer)s, %(event_id)s, "
-                    "jsonb_build_array(jsonb_build_object('at', clock_timestamp(), 'owner', %(owner)s::text, "
-                    "'what', 'lease', 'detail', 'attempt 1'))) ON CONFLICT (key) DO NOTHING",
+                    sql.INSERT_LEASED,
                     {"key": key, "fp": fp, "request": Jsonb(request, dumps=_json_dumps), "owner": self.owner,
                      "token": token, "lease": self.lease_s, "consumer": consumer, "event_id": event_id},
                 ).rowcount
                 if inserted:
-                    return "leased"
-                row = conn.execute(
-                    "SELECT fingerprint, status, response, resolved_via, attempts, lease_owner, lease_expires_at, "
-                    "lease_expires_at <= clock_timestamp() AS expired FROM outbox.effects WHERE key = %s FOR UPDATE",
-                    (key,)).fetchone()
+                    return Claim.LEASED
+                row = conn.execute(sql.SELECT_FOR_CLAIM, {"key": key}).fetchone()
                 if row is None:  # purged between the two statements
-                    return "retry"
+                    return Claim.RETRY
                 stored_fp, status, response, via, attempts, lease_owner, expires_at, expired = row
                 decision = decide(Existing(stored_fp, status, bool(expired)), fp)
                 if decision is Decision.MISMATCH:
@@ -186,21 +196,16 @@ class Effects:
                 if decision is Decision.IN_PROGRESS:
                     raise EffectInProgress(key, lease_owner, expires_at)
                 if decision is Decision.REPLAY:
-                    conn.execute("UPDATE outbox.effects SET replays = replays + 1, last_replayed_at = now() "
-                                 "WHERE key = %s", (key,))
-                    return EffectResult(key, status, response, True, via, attempts)
+                    conn.execute(sql.COUNT_REPLAY, {"key": key})
+                    return EffectResult(key, EffectStatus(status), response, True, ResolvedVia(via), attempts)
                 if decision is Decision.EXPIRED:
                     note = (f"lease of {lease_owner} expired at {expires_at} without a recorded result: "
                             f"the worker died or stalled during or after the call")
-                    conn.execute(
-                        f"UPDATE outbox.effects SET status = 'unknown', lease_owner = NULL, lease_token = NULL, "
-                        f"lease_expires_at = NULL, last_error = %(detail)s, updated_at = now(), {_EVIDENCE} "
-                        f"WHERE key = %(key)s",
-                        {"key": key, "owner": self.owner, "what": "expired", "detail": note})
+                    conn.execute(sql.EXPIRE_LEASE, {"key": key, "owner": self.owner, "what": "expired", "detail": note})
                     log.warning("effect %s: %s; outcome unknown", key, note)
-                return "unknown"
+                return Claim.UNKNOWN
 
-    def _settle_unknown(self, key, request, token, reconcile, idempotent) -> EffectResult | str:
+    def _settle_unknown(self, key, request, token, reconcile, idempotent) -> EffectResult | Claim:
         """Try to settle an unknown outcome without risking a second effect."""
         if reconcile is not None:
             try:
@@ -208,9 +213,9 @@ class Effects:
             except Exception as exc:  # noqa: BLE001 - the provider could not tell; keep it unknown
                 found = None
                 self._note(key, "reconcile", f"reconcile failed: {codec.describe_error(exc)}")
-            if found is not None and found.outcome in ("succeeded", "failed"):
-                return self._record(key, found.outcome, found.response, "reconcile")
-            if found is not None and found.outcome == "absent":
+            if found is not None and found.outcome in _SETTLE:
+                return self._record(key, _SETTLE[found.outcome], found.response, ResolvedVia.RECONCILE)
+            if found is not None and found.outcome is ReconcileOutcome.ABSENT:
                 self._note(key, "reconcile", "the provider has no record of the key: calling again with it")
                 return self._take_over(key, token, "provider has no record of the key")
         approved = self._reattempt_approved(key)
@@ -220,18 +225,14 @@ class Effects:
         row = self.get(key) or {}
         raise OutcomeUnknown(key, row.get("last_error") or "no result was recorded")
 
-    def _take_over(self, key, token, why: str) -> str:
+    def _take_over(self, key, token, why: str) -> Claim:
         with self._lock:
-            conn = self._connection()
-            row = conn.execute(
-                f"UPDATE outbox.effects SET status = 'in_progress', attempts = attempts + 1, lease_owner = %(owner)s, "
-                f"lease_token = %(token)s, lease_expires_at = now() + make_interval(secs => %(lease)s), "
-                f"reattempt_approved = false, updated_at = now(), {_EVIDENCE} "
-                f"WHERE key = %(key)s AND status = 'unknown' RETURNING attempts",
+            row = self._connection().execute(
+                sql.TAKE_OVER,
                 {"key": key, "owner": self.owner, "token": token, "lease": self.lease_s, "what": "lease",
                  "detail": f"re-attempt with the same key: {why}"}).fetchone()
         # Someone else took it over (or settled it) meanwhile: run() re-reads the key.
-        return "leased" if row else "retry"
+        return Claim.LEASED if row else Claim.RETRY
 
     def _call(self, key: str, token: uuid.UUID, call: Call) -> EffectResult:
         renewal = _LeaseRenewal(self, key, token)
@@ -241,7 +242,7 @@ class Effects:
             finally:
                 renewal.stop()
         except DefiniteFailure as exc:
-            return self._record(key, "failed", exc.response, "call", token)
+            return self._record(key, EffectStatus.FAILED, exc.response, ResolvedVia.CALL, token)
         except BaseException as exc:
             error = codec.describe_error(exc)
             self._mark_unknown(key, token, error)
@@ -250,43 +251,36 @@ class Effects:
             raise OutcomeUnknown(key, f"the call failed without a definite answer ({error})") from exc
         # A lost renewal needs no branch of its own: the token it could not find is gone for good
         # (tokens are never reused), so _record's compare-and-set refuses and raises EffectLeaseLost.
-        return self._record(key, "succeeded", response, "call", token)
+        return self._record(key, EffectStatus.SUCCEEDED, response, ResolvedVia.CALL, token)
 
     def _renew(self, key: str, token: uuid.UUID) -> bool:
         """Extend our lease; False when the token is gone (expired and taken over, or settled by an
         operator): from then on this attempt must not record anything."""
         with self._lock:
             return self._connection().execute(
-                "UPDATE outbox.effects SET lease_expires_at = now() + make_interval(secs => %(lease)s) "
-                "WHERE key = %(key)s AND status = 'in_progress' AND lease_token = %(token)s",
-                {"key": key, "token": token, "lease": self.lease_s}).rowcount == 1
+                sql.RENEW_LEASE, {"key": key, "token": token, "lease": self.lease_s}).rowcount == 1
 
-    def _record(self, key, status, response, via, token: uuid.UUID | None = None) -> EffectResult | str:
+    def _record(self, key, status: EffectStatus, response, via: ResolvedVia,
+                token: uuid.UUID | None = None) -> EffectResult | Claim:
         """Store a definite outcome. With `token` (the outcome of our own call) only while we still
         hold that lease: an attempt whose lease expired and was taken over must not settle the key
         under the new holder's feet, whose call may be in flight or may end differently. The fence
         is the token, not the clock: a late result is still accepted if nobody took the key over.
-        Without a token (reconcile) only while the key is still unknown; 'retry' otherwise."""
+        Without a token (reconcile) only while the key is still unknown; Claim.RETRY otherwise."""
         detail = f"{via}: {status}"
-        fence = "status = 'in_progress' AND lease_token = %(token)s" if token else "status = 'unknown'"
         params = {"key": key, "status": status, "response": Jsonb(response, dumps=_json_dumps), "via": via,
                   "owner": self.owner, "what": status, "detail": detail, "token": token}
         with self._lock:
             conn = self._connection()
-            row = conn.execute(
-                f"UPDATE outbox.effects SET status = %(status)s, response = %(response)s, resolved_via = %(via)s, "
-                f"completed_at = now(), updated_at = now(), lease_owner = NULL, lease_token = NULL, "
-                f"lease_expires_at = NULL, {_EVIDENCE} "
-                f"WHERE key = %(key)s AND {fence} RETURNING attempts", params).fetchone()
+            row = conn.execute(sql.RECORD_OWN_RESULT if token else sql.RECORD_RECONCILED, params).fetchone()
             if row is not None:
                 return EffectResult(key, status, response, False, via, row[0])
             if token is None:
-                return "retry"  # taken over or settled meanwhile: run() looks again
+                return Claim.RETRY  # taken over or settled meanwhile: run() looks again
             # Not recorded, but an operator deciding the key wants to know what this attempt got.
             late = f"late {detail} of an attempt whose lease was taken over; not recorded: {_json_dumps(response)}"
-            stored = conn.execute(
-                f"UPDATE outbox.effects SET updated_at = now(), {_EVIDENCE} WHERE key = %(key)s "
-                f"RETURNING status, lease_owner", {**params, "what": "lease_lost", "detail": late[:2000]}).fetchone()
+            stored = conn.execute(sql.NOTE_LATE_RESULT,
+                                  {**params, "what": "lease_lost", "detail": late[:2000]}).fetchone()
         holder_status, holder = stored if stored else (None, None)
         log.warning("effect %s: this attempt (%s) lost its lease before recording its %s result; the key is now "
                     "%s, held by %s", key, self.owner, status, holder_status or "gone", holder or "nobody")
@@ -295,23 +289,17 @@ class Effects:
     def _mark_unknown(self, key, token, error: str) -> None:
         with self._lock:
             self._connection().execute(
-                f"UPDATE outbox.effects SET status = 'unknown', lease_owner = NULL, lease_token = NULL, "
-                f"lease_expires_at = NULL, last_error = %(detail)s, updated_at = now(), {_EVIDENCE} "
-                f"WHERE key = %(key)s AND lease_token = %(token)s",
+                sql.MARK_UNKNOWN,
                 {"key": key, "token": token, "owner": self.owner, "what": "indeterminate", "detail": error})
         log.warning("effect %s: outcome unknown after %s", key, error)
 
     def _note(self, key, what: str, detail: str) -> None:
         with self._lock:
-            self._connection().execute(
-                f"UPDATE outbox.effects SET last_error = %(detail)s, updated_at = now(), {_EVIDENCE} "
-                f"WHERE key = %(key)s",
-                {"key": key, "owner": self.owner, "what": what, "detail": detail})
+            self._connection().execute(sql.NOTE, {"key": key, "owner": self.owner, "what": what, "detail": detail})
 
     def _reattempt_approved(self, key) -> bool:
         with self._lock:
-            row = self._connection().execute("SELECT reattempt_approved FROM outbox.effects WHERE key = %s",
-                                             (key,)).fetchone()
+            row = self._connection().execute(sql.SELECT_REATTEMPT_APPROVED, {"key": key}).fetchone()
         return bool(row and row[0])
 
     def _connection(self) -> psycopg.Connection:

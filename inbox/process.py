@@ -71,6 +71,9 @@ class BatchResult:
     # First offset per partition that was NOT processed (interrupted, or out of time while retrying).
     # The caller must seek the consumer there before polling again, or those records are skipped.
     unprocessed: dict[Partition, int] = field(default_factory=dict)
+    # (processed, duplicates, dead_lettered) per partition, committed; the totals above are their sums.
+    tallies: dict[Partition, tuple[int, int, int]] = field(default_factory=dict)
+    retries: dict[Partition, int] = field(default_factory=dict)  # failed handler attempts followed by a retry
 
 
 @dataclass
@@ -278,10 +281,12 @@ class _Batch:
         for tp, nxt in next_offsets.items():
             if nxt > r.committed.get(tp, -1):
                 r.committed[tp] = nxt
-        for p, d, x in tallies.values():
+        for tp, (p, d, x) in tallies.items():
             r.processed += p
             r.duplicates += d
             r.dead_lettered += x
+            p0, d0, x0 = r.tallies.get(tp, (0, 0, 0))
+            r.tallies[tp] = (p0 + p, d0 + d, x0 + x)
 
     def _leave(self, rest: Sequence[Record]) -> None:
         for r in rest:
@@ -291,6 +296,9 @@ class _Batch:
 
     def _log_failure(self, record: Record, attempt: int, exc: Exception) -> None:
         more = attempt < self.policy.max_attempts and not isinstance(exc, NonRetryable)
+        if more:
+            tp = (record.topic, record.partition)
+            self.result.retries[tp] = self.result.retries.get(tp, 0) + 1
         log.warning("handler of consumer %s failed on %s[%d]@%d (attempt %d/%d): %s%s", self.consumer,
                     record.topic, record.partition, record.offset, attempt, self.policy.max_attempts,
                     codec.describe_error(exc), "; will retry" if more else "; dead-lettering")

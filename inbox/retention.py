@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 
 import psycopg
 
+from inbox import effect_sql
 from outbox.core.redact import Dsn
 
 log = logging.getLogger("inbox")
@@ -28,7 +29,7 @@ _PAST = {
     "inbox_messages": (("event_id", "consumer"), "status = 'processed' AND last_seen < %(cutoff)s", "last_seen"),
     "inbox_stats": (("minute", "consumer", "topic", "kafka_partition"), "minute < %(cutoff)s", "minute"),
     "inbox_dead_letters": (("id",), "status IN ('replayed', 'discarded') AND updated_at < %(cutoff)s", "updated_at"),
-    "effects": (("key",), "status IN ('succeeded', 'failed') AND completed_at < %(cutoff)s", "completed_at"),
+    "effects": (("key",), effect_sql.PURGEABLE, "completed_at"),
 }
 
 

@@ -14,12 +14,9 @@
 
 from __future__ import annotations
 
-import json
 import platform
-import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 from prometheus_client import (
     PLATFORM_COLLECTOR,
@@ -29,11 +26,10 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
-    generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from outbox import __version__
+from outbox.core import probes
 from outbox.core.redact import redact
 
 # pg_replication_slots.wal_status, plus 'missing' when the slot is gone.
@@ -162,39 +158,11 @@ class RelayMetrics:
         return (503 if reasons else 200), body
 
 
-class _IPv6Server(ThreadingHTTPServer):
-    address_family = socket.AF_INET6  # "::" also accepts IPv4 where net.ipv6.bindv6only is 0 (Linux default)
-
-
 def serve(metrics: RelayMetrics, port: int, host: str | None = None) -> ThreadingHTTPServer | None:
-    """Start the HTTP server in a daemon thread. `host` defaults to metrics.bind_host (127.0.0.1)
-    so that callers that only pass the port keep today's loopback-only behaviour."""
+    """Start the HTTP server (outbox/core/probes.py) in a daemon thread. `host` defaults to
+    metrics.bind_host (127.0.0.1) so that callers that only pass the port keep today's
+    loopback-only behaviour."""
     if not port:
         return None
-    host = host or getattr(metrics, "bind_host", None) or "127.0.0.1"
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            if self.path.startswith("/metrics"):
-                code, body, ctype = 200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST
-            elif self.path.startswith("/healthz"):
-                code, doc = metrics.health()
-                body, ctype = json.dumps(doc).encode(), "application/json"
-            elif self.path.startswith("/readyz"):
-                code, doc = metrics.readiness()
-                body, ctype = json.dumps(doc).encode(), "application/json"
-            else:
-                code, body, ctype = 404, b"try /metrics, /healthz or /readyz\n", "text/plain"
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:  # scrapes every few seconds would flood the log
-            pass
-
-    server = (_IPv6Server if ":" in host else ThreadingHTTPServer)((host, port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="outbox-metrics", daemon=True).start()
-    return server
+    host = host or getattr(metrics, "bind_host", None) or probes.DEFAULT_HOST
+    return probes.serve(metrics.registry, metrics.health, metrics.readiness, port, host, name="outbox-metrics")

@@ -145,6 +145,8 @@ class Settings(BaseSettings):
     inbox_purge_batch: int = Field(default=5_000, ge=1, le=1_000_000)  # rows per DELETE: bounds lock time
     effect_lease_s: float = Field(default=30.0, gt=0, le=86_400)
     effect_retention_days: float = Field(default=30.0, gt=0)  # settled keys; unknown/in-progress are kept
+    # A Runner built by from_settings serves /metrics, /healthz, /readyz here (on metrics_host); 0: off.
+    inbox_metrics_port: int = Field(default=0, ge=0, le=65535)
 
     # --- dashboard
     dashboard_port: int = Field(default=8501, ge=1, le=65535)
@@ -383,7 +385,7 @@ SETTING_DOCS: dict[str, str] = {
     "slot_failover": "create the slot as a failover slot on PostgreSQL 17+ (auto), always (on) or never (off)",
     "stall_timeout_s": "/healthz turns unhealthy when events wait and nothing was acknowledged for this long",
     "metrics_port": "port of /metrics, /healthz (liveness) and /readyz (readiness); 0 turns the server off",
-    "metrics_host": "address the metrics server listens on; 0.0.0.0 in a container",
+    "metrics_host": "address the metrics servers (relay and inbox Runner) listen on; 0.0.0.0 in a container",
     "inbox_max_attempts": "handler attempts before a record is dead-lettered",
     "inbox_backoff_initial_s": "first retry delay of a failing handler",
     "inbox_backoff_max_s": "longest retry delay of a failing handler",
@@ -392,6 +394,8 @@ SETTING_DOCS: dict[str, str] = {
     "inbox_purge_batch": "rows per DELETE when purging (bounds lock time)",
     "effect_lease_s": "how long an effect attempt holds its lease before another worker may take it",
     "effect_retention_days": "settled effect keys older than this are purged; unknown/in-progress ones are kept",
+    "inbox_metrics_port": "port of a consumer Runner's /metrics, /healthz and /readyz (on OUTBOX_METRICS_HOST); "
+                          "0 (default) turns its server off",
     "dashboard_port": "port of `outbox dashboard`",
     "dashboard_host": "address the dashboard listens on; 0.0.0.0 in a container (it has no login of its own)",
     "dashboard_database_url": "a login for the dashboard alone (default: OUTBOX_DATABASE_URL)",

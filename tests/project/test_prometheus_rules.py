@@ -1,4 +1,4 @@
-"""Prometheus rules and the Grafana dashboard over the relay's real metric names. promtool (Debian's
+"""Prometheus rules and the Grafana dashboard over the relay's and the inbox's real metric names. promtool (Debian's
 `prometheus` package) checks the rules and runs their unit tests (deploy/prometheus/outbox-rules.test.yml);
 without it those tests skip, unless OUTBOX_REQUIRE_PROMTOOL=1 (CI) makes them fail. No servers."""
 
@@ -11,13 +11,15 @@ import subprocess
 import pytest
 import yaml
 
+from inbox.metrics import InboxMetrics
+from inbox.process import BatchResult
 from relay.metrics import RelayMetrics
 from tests.support.paths import REPO
 
 RULES = REPO / "deploy" / "prometheus" / "outbox-rules.yml"
 RULE_TESTS = REPO / "deploy" / "prometheus" / "outbox-rules.test.yml"
 GRAFANA = REPO / "deploy" / "grafana" / "outbox.json"
-METRIC = re.compile(r"\b(outbox_relay_[a-z_]+)")
+METRIC = re.compile(r"\b(outbox_(?:relay|inbox)_[a-z_]+)")
 
 
 def exported_names() -> set[str]:
@@ -26,7 +28,12 @@ def exported_names() -> set[str]:
     m.dead_lettered.labels("too_large").inc()
     m.batches.labels("acked").inc()
     m.set_wal_status("reserved")
-    return {sample.name for family in m.registry.collect() for sample in family.samples}
+    inbox = InboxMetrics("billing")  # and an inbox Runner's
+    inbox.count(BatchResult(transactions=1, tallies={("orders", 0): (1, 1, 1)}, retries={("orders", 0): 1}))
+    inbox.set_lag({("orders", 0): 1})
+    inbox.handler_seconds.labels("billing", "orders").observe(0.01)
+    return {sample.name for registry in (m.registry, inbox.registry) for family in registry.collect()
+            for sample in family.samples}
 
 
 def test_promtool_check_rules(promtool):
@@ -59,7 +66,8 @@ def test_the_alerts_asked_for_exist_with_a_severity_and_a_summary():
     alerts = {rule["alert"]: rule for group in yaml.safe_load(RULES.read_text())["groups"]
               for rule in group["rules"] if "alert" in rule}
     assert {"OutboxNoActiveRelay", "OutboxRelayAbsent", "OutboxSlotLagBytesHigh", "OutboxSlotLagSecondsHigh",
-            "OutboxPipelineRestarting", "OutboxDeadLettersIncreasing", "OutboxPublishLatencyHigh"} <= alerts.keys()
+            "OutboxPipelineRestarting", "OutboxDeadLettersIncreasing", "OutboxPublishLatencyHigh",
+            "OutboxInboxLagHigh", "OutboxInboxDeadLettersIncreasing", "OutboxInboxNotReady"} <= alerts.keys()
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in ("warning", "critical"), name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name

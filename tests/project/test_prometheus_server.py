@@ -1,5 +1,6 @@
-"""A real Prometheus scrapes a running relay with our rules loaded: the recording rules see the
-active relay, no alert fires while it streams, and OutboxRelayAbsent fires after it is killed.
+"""A real Prometheus scrapes a running relay and a running inbox consumer with our rules loaded:
+the recording rules see the active relay and the consumer's processed events, no alert fires
+while both work, and OutboxRelayAbsent fires after the relay is killed.
 
 The rules are loaded as shipped except every `for:` shortened to 2 s (the expressions are
 untouched), so the test waits seconds instead of the production minutes."""
@@ -12,9 +13,21 @@ import signal
 import subprocess
 import urllib.parse
 import urllib.request
+import uuid
 
+from inbox import Runner
 from outbox.devstack.procs import free_port
 from tests.support.helpers import wait_for
+from tests.support.inbox import (
+    Background,
+    apply_deposit,
+    caught_up,
+    create_business_schema,
+    create_topic,
+    deposit,
+    headers_for,
+    produce,
+)
 from tests.support.paths import REPO
 from tests.support.relay import relay_env, relay_process, wait_streaming
 
@@ -38,16 +51,23 @@ def query(port: int, expr: str) -> list[tuple[dict, float]]:
             for r in api(port, "query", query=expr)["result"]]
 
 
-def test_prometheus_scrapes_the_relay_and_fires_relay_absent_after_it_is_killed(prometheus_binary, db, kafka,
-                                                                              topic_prefix, tmp_path):
-    metrics_port, prom_port = free_port(), free_port()
+def test_prometheus_scrapes_the_relay_and_a_consumer_and_fires_relay_absent_after_the_relay_is_killed(
+        prometheus_binary, db, kafka, topic_prefix, tmp_path):
+    metrics_port, prom_port, inbox_port = free_port(), free_port(), free_port()
     rules = tmp_path / "outbox-rules.yml"
     rules.write_text(re.sub(r"(?m)^(\s+for:) \S+$", r"\1 2s", RULES.read_text()))
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         f"rule_files: [{rules}]\n"
         "scrape_configs:\n"
-        f"  - job_name: outbox\n    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n")
+        f"  - job_name: outbox\n    static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]\n"
+        f"  - job_name: billing\n    static_configs: [{{targets: ['127.0.0.1:{inbox_port}']}}]\n")
+    create_business_schema(db)
+    topic = f"{topic_prefix}.deposits"
+    create_topic(kafka, topic, partitions=2)
+    produce(kafka, topic, [(b"acc-1", deposit("acc-1", 1), headers_for(uuid.uuid4())) for _ in range(7)])
+    consumer = Background(Runner("billing", apply_deposit, dsn=db, bootstrap=kafka, topics=[topic], poll_timeout_s=0.2,
+                                 metrics_port=inbox_port, lag_interval_s=0.5))
     relay = relay_process(relay_env(db, kafka, topic_prefix, metrics_port=metrics_port), tmp_path / "relay.log")
     prom_log = open(tmp_path / "prometheus.log", "wb")
     prom = subprocess.Popen([prometheus_binary, f"--config.file={tmp_path / 'prometheus.yml'}",
@@ -55,6 +75,12 @@ def test_prometheus_scrapes_the_relay_and_fires_relay_absent_after_it_is_killed(
                             stdout=prom_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_streaming(db)
+        caught_up(db, "billing", kafka, topic)
+        wait_for(lambda: query(prom_port, 'sum by (job, consumer) (outbox_inbox_events_processed_total)')
+                 == [({"job": "billing", "consumer": "billing"}, 7.0)], 60,
+                 "Prometheus to see the consumer's 7 processed events")
+        assert query(prom_port, "outbox_inbox_ready") == [
+            ({"job": "billing", "instance": f"127.0.0.1:{inbox_port}", "consumer": "billing"}, 1.0)]
         wait_for(lambda: query(prom_port, "outbox:relay_active:sum") == [({"job": "outbox"}, 1.0)], 60,
                  "Prometheus to record one active relay")
         [(labels, _)] = query(prom_port, 'outbox_relay_slot_wal_status{state="reserved"} == 1')
@@ -68,6 +94,7 @@ def test_prometheus_scrapes_the_relay_and_fires_relay_absent_after_it_is_killed(
         wait_for(lambda: "OutboxRelayAbsent" in firing(prom_port), 60, "OutboxRelayAbsent to fire")
         assert firing(prom_port) <= {"OutboxRelayAbsent"}  # absent, not a stale 'no active relay'
     finally:
+        consumer.stop()
         for proc in (relay, prom):
             if proc.poll() is None:
                 proc.kill()

@@ -32,3 +32,13 @@ def test_fingerprint_ignores_key_order_and_spacing_but_not_values():
 def test_effect_decisions(status, expired, same, expected):
     assert decide(Existing("fp", status, expired), "fp" if same else "other") is expected
 
+
+
+def test_effect_statuses_are_the_columns_text_and_anything_else_is_refused():
+    from inbox.effect_rules import EffectStatus
+
+    assert decide(Existing("fp", EffectStatus.SUCCEEDED, False), "fp") is Decision.REPLAY
+    assert [s.value for s in EffectStatus] == ["in_progress", "succeeded", "failed", "unknown"]
+    assert EffectStatus.FAILED == "failed" and f"{EffectStatus.UNKNOWN}" == "unknown"
+    with pytest.raises(ValueError, match="unexpected effect status 'pending'"):
+        decide(Existing("fp", "pending", False), "fp")
