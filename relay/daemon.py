@@ -21,6 +21,7 @@ from psycopg import sql
 
 from outbox.core.lsn import str_to_lsn
 from outbox.core.redact import redact
+from outbox.core.refusals import refusal
 from outbox.core.settings import Settings
 from outbox.core.sqlident import quote_ident
 from relay import ledger as ledger_sql
@@ -112,11 +113,18 @@ class Relay:
                     backoff = 1.0
                 except FatalError as exc:
                     self._fail(str(exc))
-                    return 1
+                    return exc.code
                 except Fenced as exc:
                     log.warning("another relay took over this slot's Kafka transactions (%s); back to standby", exc)
                 except (Transient, Restart, ReplicationError, psycopg.Error, kerr.KafkaError, OSError,
                         TimeoutError) as exc:
+                    # A refused login or a missing privilege or REPLICATION attribute comes back on
+                    # every retry: stop with the fix (and a code saying which) instead of looping.
+                    refused = refusal(exc, self.dsn, component="relay") or refusal(exc.__cause__, self.dsn,
+                                                                                   component="relay")
+                    if refused is not None:
+                        self._fail(refused.message)
+                        return refused.code
                     message = redact(str(exc))
                     if not message.startswith(type(exc).__name__):  # kafka-python's errors name themselves
                         message = f"{type(exc).__name__}: {message}"
