@@ -57,6 +57,11 @@ def outbox_cli(*args: str, env: dict[str, str], timeout: float = 120) -> subproc
                           text=True, timeout=timeout)
 
 
+def run_sql(dsn: Dsn, statement: str) -> None:
+    with psycopg.connect(dsn.secret(), autocommit=True) as conn:
+        conn.execute(statement)
+
+
 def refused(dsn: Dsn, statement: str) -> str | None:
     """The error `statement` gets as `dsn`'s role, or None when it is allowed (rolled back either way)."""
     with psycopg.connect(dsn.secret()) as conn:
