@@ -95,11 +95,18 @@ class Relay:
         self.stop = threading.Event()
         self.poison: dict[bytes, Failure] = {}
         self.identity: Identity | None = None
+        # The cause of the retries going on, if any: the log gets one line when it starts, changes
+        # or ends, not one per attempt (a broker down for an hour would bury everything else).
+        self._failing: str | None = None
 
     def request_stop(self) -> None:
         self.stop.set()
 
     def run(self) -> int:
+        if not log.isEnabledFor(logging.DEBUG):
+            # kafka-python logs each reconnect attempt at ERROR/WARNING; the relay says once per
+            # state change what is wrong with Kafka and how to fix it.
+            logging.getLogger("kafka.net").setLevel(logging.CRITICAL)
         server = serve(self.metrics, self.s.metrics_port, self.s.metrics_host)
         log.info("relay %s starting: slot=%s publication=%s delivery=%s kafka=%s database=%s",
                  self.s.relay_id, self.s.slot_name, self.s.publication, self.s.delivery, self.s.kafka_description,
@@ -132,8 +139,13 @@ class Relay:
                     self.metrics.last_error = message
                     if isinstance(exc, (kerr.KafkaError, Fenced)) or "Kafka" in message:
                         self.metrics.kafka_ok = False
-                    log.warning("pipeline stopped, restarting from the slot in %.0f s: %s", backoff, message)
-                    self._record_error(message)
+                    if message != self._failing:
+                        log.warning("pipeline stopped, restarting from the slot in %.0f s: %s (retrying; logged "
+                                    "again when the cause changes)", backoff, message)
+                        self._record_error(message)
+                    else:
+                        log.debug("still failing, restarting in %.0f s: %s", backoff, message)
+                    self._failing = message
                     if time.monotonic() - started > 60:
                         backoff = 1.0
                     self.stop.wait(backoff)
@@ -170,7 +182,7 @@ class Relay:
             self._register(control)
             if not self._become_active(control):
                 return
-            log.info("relay %s is active for slot %s", s.relay_id, s.slot_name)
+            (log.debug if self._failing else log.info)("relay %s is active for slot %s", s.relay_id, s.slot_name)
             server = identify_server(self.dsn)
             dboid = self._check_recorded_identity(control, server)
             slots.ensure_publication(control, s.publication)
@@ -211,6 +223,9 @@ class Relay:
                     self._backfill(control, pipeline, snapshot, resume)
                 self._open_stream(control, stream)
                 self.metrics.streaming = True
+                if self._failing is not None:
+                    log.info("relay %s streams again (it had failed with: %s)", s.relay_id, self._failing)
+                    self._failing = None
                 self.metrics.role = "active"
                 self.metrics.active.set(1)
                 self._set_role("active", control)

@@ -4,14 +4,25 @@ at once with a distinct exit code and the fix, never a retry loop "restarting fr
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
 from outbox.core import grants
 from outbox.core.exits import EXIT_LOGIN_REFUSED, EXIT_OK, EXIT_PRIVILEGE
 from outbox.core.redact import Dsn
+from outbox.devstack.procs import free_port
 from tests.support.helpers import read_topic, wait_for
-from tests.support.relay import RelayThread, published, query, relay_env, relay_process, relay_settings
+from tests.support.relay import (
+    RelayThread,
+    published,
+    query,
+    relay_env,
+    relay_process,
+    relay_settings,
+    sigterm,
+)
 from tests.support.roles import outbox_cli, run_sql
 
 
@@ -91,3 +102,22 @@ def test_missing_publication_the_relay_may_not_create_stops_with_exit_5(db, kafk
     error = relay.relay.metrics.last_error
     assert "publication 'outbox_events' is missing and this role may not create it" in error
     assert "CREATE PUBLICATION outbox_events FOR TABLE outbox.events" in error
+
+
+def test_unreachable_kafka_is_one_line_with_the_fix_not_reconnect_noise(db, topic_prefix, tmp_path):
+    nowhere = f"127.0.0.1:{free_port()}"
+    proc = relay_process(relay_env(db, nowhere, topic_prefix), tmp_path / "relay.log")
+    try:
+        # Each attempt waits for the bootstrap timeout (~10 s); three attempts are three chances to repeat.
+        wait_for(lambda: query(db, "SELECT count(*) FROM outbox.relay_status WHERE last_error IS NOT NULL")[0][0],
+                 60, "the first failure recorded")
+        time.sleep(25)
+        assert proc.poll() is None, "an unreachable broker is retried, not fatal"
+    finally:
+        assert sigterm(proc) == EXIT_OK
+    log = (tmp_path / "relay.log").read_text()
+    failures = [line for line in log.splitlines() if "restarting from the slot" in line]
+    assert len(failures) == 1, log
+    assert "cannot reach Kafka" in failures[0] and "Fix: check that a broker listens at" in failures[0]
+    assert "kafka.net" not in log
+    assert db.params()["password"] not in log
