@@ -14,11 +14,25 @@ from outbox.core.exits import EXIT_LOGIN_REFUSED, EXIT_OK, EXIT_PRIVILEGE
 from outbox.core.migrate import available, migrate
 from outbox.core.redact import Dsn
 from tests.support.databases import drop_database
-from tests.support.roles import outbox_cli, refused
+from tests.support.inbox import Rec, apply_deposit, create_business_schema, deposit, headers_for
+from tests.support.roles import outbox_cli, refused, run_sql
 
 
 def granted(db: Dsn, role: str, login: str) -> None:
     assert grants.apply(db, role, login, log=lambda _: None) == EXIT_OK
+
+
+def consume_twice(dsn: Dsn) -> tuple[int, int]:
+    """The inbox's commit protocol as `dsn`'s role: one event delivered twice; (balance, inbox rows)."""
+    from inbox import process
+
+    event_id = uuid.uuid4()
+    record = Rec("orders", 0, 0, deposit("acc-1", 10), headers_for(event_id))
+    with psycopg.connect(dsn.secret(), autocommit=True) as conn:
+        process(conn, "payments", [record], apply_deposit)
+        process(conn, "payments", [Rec("orders", 0, 1, record.value, record.headers)], apply_deposit)
+        return (conn.execute("SELECT balance FROM balances").fetchone()[0],
+                conn.execute("SELECT count(*) FROM outbox.inbox_messages").fetchone()[0])
 
 
 def test_producer_can_call_emit_but_cannot_read_or_write_the_outbox_table(db, logins):
@@ -79,8 +93,9 @@ def test_dashboard_role_reads_and_writes_nothing(db, logins):
 def test_consumer_role_writes_the_inbox_and_cannot_touch_the_outbox(db, logins):
     name, consumer = logins.create("consumer")
     granted(db, "consumer", name)
-    assert refused(consumer, "INSERT INTO outbox.inbox_offsets (consumer, topic, kafka_partition, next_offset) "
-                             "VALUES ('c', 't', 0, 1)") is None
+    create_business_schema(db)
+    run_sql(db, f"GRANT SELECT, INSERT, UPDATE ON balances, applied TO {name}")
+    assert consume_twice(consumer) == (10, 1)
     assert refused(consumer, "SELECT * FROM outbox.effects_unresolved") is None
     assert "permission denied" in refused(consumer, "SELECT * FROM outbox.events")
     assert "permission denied" in refused(consumer, "SELECT outbox.emit('order', '1', 'Placed', '{}')")
@@ -108,6 +123,8 @@ def test_consumer_only_database_migrates_with_inbox_only_without_logical_wal_or_
         assert owners == [(login,)]
         from inbox import Effects
 
+        create_business_schema(consumer)
+        assert consume_twice(consumer) == (10, 1)
         with Effects(consumer, owner="worker") as effects:
             assert effects.run("charge:order-1", {"amount": 5}, lambda _key: {"id": "ch_1"}).response \
                 == {"id": "ch_1"}
