@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import psutil
 import psycopg
 import pytest
 
@@ -121,3 +122,25 @@ def test_unreachable_kafka_is_one_line_with_the_fix_not_reconnect_noise(db, topi
     assert "cannot reach Kafka" in failures[0] and "Fix: check that a broker listens at" in failures[0]
     assert "kafka.net" not in log
     assert db.params()["password"] not in log
+
+
+@pytest.mark.slow
+def test_kafka_outage_at_start_is_one_line_when_it_begins_and_one_when_streaming_resumes(db, topic_prefix, own_broker,
+                                                                                        tmp_path):
+    broker, pid, port = own_broker
+    psutil.Process(pid).kill()
+    psutil.Process(pid).wait(30)
+    proc = relay_process(relay_env(db, f"127.0.0.1:{port}", topic_prefix), tmp_path / "relay.log")
+    restarted = None
+    try:
+        time.sleep(30)  # two or three failed bootstraps
+        restarted = broker.start(None, port)
+        wait_for(lambda: "streams again" in (tmp_path / "relay.log").read_text(), 120, "the relay to stream again")
+    finally:
+        assert sigterm(proc) == EXIT_OK
+        if restarted is not None:
+            broker.stop(*restarted)
+    log = (tmp_path / "relay.log").read_text()
+    assert len([line for line in log.splitlines() if "restarting from the slot" in line]) == 1, log
+    assert len([line for line in log.splitlines() if "streams again (it had failed with: " in line]) == 1, log
+    assert "kafka.net" not in log
