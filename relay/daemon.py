@@ -142,10 +142,10 @@ class Relay:
                     if message != self._failing:
                         log.warning("pipeline stopped, restarting from the slot in %.0f s: %s (retrying; logged "
                                     "again when the cause changes)", backoff, message)
-                        self._record_error(message)
                     else:
                         log.debug("still failing, restarting in %.0f s: %s", backoff, message)
                     self._failing = message
+                    self._record_error(message)  # last_error_at: the dashboard shows the failure is current
                     if time.monotonic() - started > 60:
                         backoff = 1.0
                     self.stop.wait(backoff)

@@ -71,6 +71,10 @@ def render(role: str, login: str) -> str:
     p = plan(role, login)
     lines = [f"-- outbox {role}: {ROLES[role]}", "-- run as the owner of the schema outbox (who ran `outbox migrate`)",
              "BEGIN;", *(f"{s};" for s in p.statements), "COMMIT;"]
+    if role == "dashboard":
+        lines += ["-- The dashboard switches to OUTBOX_DASHBOARD_ROLE (default outbox_dashboard, which `outbox migrate`",
+                  f"-- sets up) after connecting: run it with OUTBOX_DASHBOARD_ROLE={login}, or instead make the login a",
+                  f"-- member of that role: GRANT outbox_dashboard TO {_ident(login)};"]
     if p.replication:
         lines += ["-- REPLICATION is a role attribute: a group role cannot pass it on, so it names the login, and",
                   "-- only a superuser (or, on PostgreSQL 16+, a CREATEROLE role that has it) may set it:",
