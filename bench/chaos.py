@@ -282,13 +282,8 @@ class Chaos:
         return f"SIGSTOP broker {node} for {pause:.0f} s"
 
     def _pg_restart(self) -> str:
-        pair = self.dev.pg_pair(self.dev._read_state())
-        primary = pair.primary
-        port = primary.status().port
-        primary.stop()
-        time.sleep(self.rnd.uniform(0.5, 2.0))
-        primary.start(port)
-        return f"PostgreSQL {pair.primary_name} restarted (fast)"
+        name = self.dev.restart_primary(pause=self.rnd.uniform(0.5, 2.0))
+        return f"PostgreSQL {name} restarted (fast)"
 
     def _pg_failover(self) -> str:
         # An operator promotes a standby that is ready (the dashboard says whether it is): here, one

@@ -143,7 +143,8 @@ def _as_text(s, findings, attention: bool) -> str:
     for name, parts in s.consumers.groupby("consumer", sort=True):
         lag = "unknown (Kafka not reachable)" if parts["lag"].isna().any() else f"{int(parts['lag'].sum()):,}"
         lines.append(f"consumer    {name}: lag {lag} over {len(parts)} partitions")
-    dups = ", ".join(f"{r.consumer} {r.suppressed:,}" for r in s.duplicates_last_hour.itertuples()) or "none"
+    dups = ", ".join(f"{r.consumer} {r.suppressed:,} ({r.redelivered:,} redelivered, {r.republished:,} republished)"
+                     for r in s.duplicates_last_hour.itertuples() if r.suppressed) or "none"
     lines.append(f"duplicates  suppressed in the last hour: {dups}")
     unknown = int((s.effects["effective_status"] == "unknown").sum())
     in_progress = int((s.effects["effective_status"] == "in_progress").sum())

@@ -107,6 +107,10 @@ class Runner:
             # record from an aborted one (harmless for topics written without transactions).
             "isolation_level": "read_committed",
             "max_poll_records": max_poll_records,
+            # Subscribing to a topic the relay has not created yet must not create it with the
+            # broker's defaults (one partition, its replication factor): the relay creates topics
+            # with the partitions and replication they need; the Runner waits for them.
+            "allow_auto_create_topics": False,
             **config,
             "enable_auto_commit": False,
         }
@@ -160,7 +164,7 @@ class Runner:
         # Before joining the group: a consumer that would apply old redeliveries twice must not start.
         self._check_dedupe_window(self.topics or {tp.topic for tp in self.partitions})
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inbox-{self.consumer}")
-        kc = KafkaConsumer(**self.kafka_config)
+        kc = _no_topic_creation(KafkaConsumer(**self.kafka_config), self.kafka_config)
         log.info("inbox consumer %s starting: group %s, %s, PostgreSQL %s", self.consumer,
                  self.kafka_config["group_id"], self.pattern or self.topics or self.partitions, self.dsn)
         try:
@@ -349,7 +353,8 @@ class Runner:
                 self._interrupt.clear()
 
     def _check_dedupe_window(self, topics) -> None:
-        """See inbox/horizon.py. Each topic once per run; a pattern's topics as they get assigned."""
+        """See inbox/horizon.py. Each topic once per run; a pattern's topics, and topics that did not
+        exist yet at start, as they get assigned."""
         topics = set(topics) - self._checked_topics
         if not topics or math.isinf(self.retention_window_s):
             return
@@ -359,13 +364,12 @@ class Runner:
             horizons = horizon.topic_horizons(admin_config, topics)
         except Exception as exc:  # noqa: BLE001 - judged like a topic whose config is unreadable
             horizons = {t: f"its configuration could not be read ({redact(str(exc))})" for t in topics}
-        horizon.check_window(self.consumer, self.retention_window_s, horizons,
-                             allow_short=self.allow_short_dedupe_window)
-        self._checked_topics |= topics
+        self._checked_topics |= horizon.check_window(self.consumer, self.retention_window_s, horizons,
+                                                     allow_short=self.allow_short_dedupe_window)
 
     def _position(self, kc: KafkaConsumer, assigned) -> None:
         wanted = [(tp.topic, tp.partition) for tp in assigned]
-        if self.pattern:
+        if {tp.topic for tp in assigned} - self._checked_topics:  # a pattern's topics, or one created since
             try:
                 self._check_dedupe_window({tp.topic for tp in assigned})
             except InboxError as exc:
@@ -465,3 +469,14 @@ def run_consumer(runner: Runner) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _no_topic_creation(kc: KafkaConsumer, config: dict) -> KafkaConsumer:
+    """kafka-python 3.0 accepts allow_auto_create_topics but builds its cluster metadata without
+    it, so every metadata request still asks the broker to create missing subscribed topics
+    (with one partition and the broker's replication factor). Hand the setting on ourselves;
+    tests/inbox/test_dedupe_window.py fails if a Runner creates its topic."""
+    cluster = getattr(getattr(kc, "_client", None), "cluster", None)
+    if cluster is not None and "allow_auto_create_topics" in getattr(cluster, "config", {}):
+        cluster.config["allow_auto_create_topics"] = config["allow_auto_create_topics"]
+    return kc

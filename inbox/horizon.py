@@ -24,20 +24,28 @@ DAY_S = 86_400.0
 MARGIN_S = 2 * DAY_S
 
 
-def topic_horizons(admin_config: Mapping, topics: Iterable[str]) -> dict[str, float | str]:
-    """Seconds each topic keeps records (math.inf when forever), or why it could not be read."""
+# A topic the relay has not created yet holds nothing to redeliver: it is checked once it exists,
+# when its partitions get assigned (the Runner re-checks every topic on assignment until it has).
+MISSING = None
+
+
+def topic_horizons(admin_config: Mapping, topics: Iterable[str]) -> dict[str, float | str | None]:
+    """Seconds each topic keeps records (math.inf when forever), MISSING for a topic that does not
+    exist yet, or why its configuration could not be read."""
     from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 
     topics = sorted(set(topics))
     admin = KafkaAdminClient(**admin_config)
     try:
+        existing = set(admin.list_topics())
+        out: dict[str, float | str | None] = {t: MISSING for t in topics if t not in existing}
+        topics = [t for t in topics if t in existing]
         # "all": a topic without its own retention.ms inherits the broker's, which "modified" omits.
         described = admin.describe_configs(
             [ConfigResource(ConfigResourceType.TOPIC, t, ["retention.ms", "cleanup.policy"]) for t in topics],
-            config_filter="all").get("topic", {})
+            config_filter="all").get("topic", {}) if topics else {}
     finally:
         admin.close()
-    out: dict[str, float | str] = {}
     for topic in topics:
         configs = described.get(topic) or {}
         retention = (configs.get("retention.ms") or {}).get("value")
@@ -54,12 +62,17 @@ def topic_horizons(admin_config: Mapping, topics: Iterable[str]) -> dict[str, fl
     return out
 
 
-def check_window(consumer: str, window_s: float, horizons: Mapping[str, float | str], *,
-                 allow_short: bool) -> None:
-    """Raise InboxError (or only warn, with allow_short) when the window cannot cover a topic."""
+def check_window(consumer: str, window_s: float, horizons: Mapping[str, float | str | None], *,
+                 allow_short: bool) -> set[str]:
+    """Raise InboxError (or only warn, with allow_short) when the window cannot cover a topic.
+    Returns the topics it checked (a MISSING one is not: its turn comes when it exists)."""
     problems = []
+    checked = {t for t, h in horizons.items() if h is not MISSING}
     for topic, horizon in sorted(horizons.items()):
-        if isinstance(horizon, str):
+        if horizon is MISSING:
+            log.info("consumer %s: topic %s does not exist yet; its retention is checked against the dedupe "
+                     "window once it is assigned", consumer, topic)
+        elif isinstance(horizon, str):
             problems.append(f"topic {topic}: {horizon}")
         elif horizon > window_s:
             problems.append(_too_short(topic, horizon, window_s))
@@ -69,14 +82,14 @@ def check_window(consumer: str, window_s: float, horizons: Mapping[str, float | 
                         "Consider OUTBOX_INBOX_RETENTION_DAYS=%s", consumer, _days(window_s), topic,
                         _days(horizon), _days(MARGIN_S), _suggest(horizon))
     if not problems:
-        return
+        return checked
     text = (f"consumer {consumer}: the dedupe window (inbox retention, {_days(window_s)}) is shorter than what "
             f"Kafka can redeliver, so an event redelivered after its inbox row is purged would be applied "
             f"again: " + "; ".join(problems))
     if allow_short:
         log.warning("%s. STARTING ANYWAY because allow_short_dedupe_window=True: duplicates older than the "
                     "window WILL be handled again", text)
-        return
+        return checked
     raise InboxError(f"{text}. Or, if the handler tolerates those duplicates, pass allow_short_dedupe_window=True.")
 
 

@@ -16,6 +16,16 @@ from outbox.core.envelope import EnvelopeError, event_id_of
 Partition = tuple[str, int]  # (topic, partition)
 
 
+@dataclass(frozen=True, slots=True)
+class Suppressed:
+    """Deliveries of one event id kept from the handler in a batch."""
+
+    event_id: uuid.UUID
+    count: int
+    index: int  # the event's first record in the batch
+    known: bool  # the inbox had the event before the batch (else: only repeats inside it)
+
+
 @dataclass(slots=True)
 class Plan:
     event_ids: list[uuid.UUID | None]  # per record; None when the envelope is invalid
@@ -25,19 +35,20 @@ class Plan:
     next_offsets: dict[Partition, int] = field(default_factory=dict)  # last offset + 1
     records_per_partition: dict[Partition, int] = field(default_factory=dict)
 
-    def suppressed(self, new: Sequence[int]) -> dict[uuid.UUID, int]:
+    def suppressed(self, new: Sequence[int]) -> list[Suppressed]:
         """Suppressed deliveries per event id, given the indices (from `first`) that were new to the
         inbox: every occurrence of an event already known, and every repeat after a new one."""
         if len(new) == len(self.first) and not self.repeats:
-            return {}
+            return []
         new_set = set(new)
-        counts: dict[uuid.UUID, int] = {}
+        out = []
         for i in self.first:
             event_id = self.event_ids[i]
-            n = self.repeats.get(event_id, 0) + (0 if i in new_set else 1)
+            known = i not in new_set
+            n = self.repeats.get(event_id, 0) + known
             if n:
-                counts[event_id] = n
-        return counts
+                out.append(Suppressed(event_id, n, i, known))
+        return out
 
     def tallies(self, records: Sequence[Record], new: Sequence[int]) -> dict[Partition, tuple[int, int, int]]:
         """(processed, duplicates, dead_lettered) per partition: every record is exactly one of them."""

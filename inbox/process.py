@@ -37,7 +37,7 @@ from psycopg.pq import TransactionStatus
 from inbox import codec, store, tracing
 from inbox.errors import InboxError, NonRetryable
 from inbox.message import Message, Record
-from inbox.plan import Partition, Plan, plan_batch
+from inbox.plan import Partition, Plan, Suppressed, plan_batch
 from inbox.retry import DEFAULT_POLICY, RetryPolicy
 
 log = logging.getLogger("inbox")
@@ -198,7 +198,7 @@ class _Batch:
         failure = None
         with conn.transaction():
             new = store.record_batch(conn, consumer, chunk, plan)
-            store.count_duplicates(conn, consumer, plan.suppressed(new))
+            store.count_duplicates(conn, consumer, chunk, plan.suppressed(new))
             for i, reason in plan.invalid.items():
                 store.insert_dead_letter(conn, consumer, chunk[i], reason="invalid_envelope", error=reason,
                                          detail=None, attempts=0, event_id=None, first_failed_at=None)
@@ -251,7 +251,7 @@ class _Batch:
                                          attempts=attempts, event_id=event_id, first_failed_at=first_failed)
                 tallies = {(record.topic, record.partition): (0, 0, 1)}
             else:  # processed meanwhile by another instance: this delivery is a duplicate
-                store.count_duplicates(conn, consumer, {event_id: 1})
+                store.count_duplicates(conn, consumer, [record], [Suppressed(event_id, 1, 0, True)])
                 tallies = {(record.topic, record.partition): (0, 1, 0)}
             store.advance(conn, consumer, plan.next_offsets, tallies)
         if claimed:

@@ -12,7 +12,7 @@ from psycopg.types.json import Jsonb
 
 from inbox import codec
 from inbox.message import Record
-from inbox.plan import Partition, Plan
+from inbox.plan import Partition, Plan, Suppressed
 
 # One statement, one round trip per batch: insert the inbox rows, move the offsets and add the
 # per-minute counts. It runs before the handlers, which is fine: all of it commits or rolls back
@@ -57,11 +57,25 @@ WITH ins AS (
 SELECT topic, kafka_partition, kafka_offset FROM ins
 """
 
+# `known` marks a delivery of an event the inbox had before this batch: if the row names the same
+# Kafka record, Kafka delivered that record again (a redelivery); otherwise another record carries
+# the event id (republished). Repeats inside one batch are always other records.
 _COUNT_DUPLICATES = """
-UPDATE outbox.inbox_messages AS m
-   SET duplicates = m.duplicates + u.n, last_seen = now()
-  FROM unnest(%s::uuid[], %s::int[]) AS u(e, n)
- WHERE m.event_id = u.e AND m.consumer = %s
+WITH d AS (
+    SELECT u.e, u.n, u.t, u.p,
+           (u.known AND m.topic = u.t AND m.kafka_partition = u.p AND m.kafka_offset = u.o)::int AS again
+      FROM unnest(%(ids)s::uuid[], %(counts)s::int[], %(known)s::bool[], %(topics)s::text[], %(partitions)s::int[],
+                  %(offsets)s::bigint[]) AS u(e, n, known, t, p, o)
+      JOIN outbox.inbox_messages m ON m.event_id = u.e AND m.consumer = %(consumer)s
+), counted AS (
+    UPDATE outbox.inbox_messages AS m
+       SET duplicates = m.duplicates + d.n, redeliveries = m.redeliveries + d.again, last_seen = now()
+      FROM d
+     WHERE m.event_id = d.e AND m.consumer = %(consumer)s
+)
+INSERT INTO outbox.inbox_stats AS s (minute, consumer, topic, kafka_partition, redelivered)
+SELECT date_trunc('minute', now()), %(consumer)s, t, p, sum(again) FROM d WHERE again = 1 GROUP BY t, p
+ON CONFLICT (minute, consumer, topic, kafka_partition) DO UPDATE SET redelivered = s.redelivered + excluded.redelivered
 """
 
 # Offsets and counts of a single record that is dead-lettered (see _RECORD_BATCH for why greatest).
@@ -108,9 +122,15 @@ def record_batch(conn: psycopg.Connection, consumer: str, records: Sequence[Reco
     return [i for i in candidates if (records[i].topic, records[i].partition, records[i].offset) in inserted]
 
 
-def count_duplicates(conn: psycopg.Connection, consumer: str, counts: dict[uuid.UUID, int]) -> None:
-    if counts:
-        conn.execute(_COUNT_DUPLICATES, (list(counts), list(counts.values()), consumer))
+def count_duplicates(conn: psycopg.Connection, consumer: str, records: Sequence[Record],
+                     suppressed: Sequence[Suppressed]) -> None:
+    """Add suppressed deliveries (Plan.suppressed) to their inbox rows and redeliveries to the stats."""
+    if suppressed:
+        conn.execute(_COUNT_DUPLICATES, {
+            "consumer": consumer, "ids": [s.event_id for s in suppressed], "counts": [s.count for s in suppressed],
+            "known": [s.known for s in suppressed], "topics": [records[s.index].topic for s in suppressed],
+            "partitions": [records[s.index].partition for s in suppressed],
+            "offsets": [records[s.index].offset for s in suppressed]})
 
 
 def advance(conn: psycopg.Connection, consumer: str, next_offsets: dict[Partition, int],

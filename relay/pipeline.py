@@ -104,6 +104,7 @@ class Pipeline:
         self.outbox_activity = False
         self.staged: list = []  # SEND actions not yet handed to the producer
         self._warned: set[str] = set()
+        self._failover_ready: bool | None = None
         self._sent_confirmed = confirmed_lsn
 
     # ----- the loop
@@ -425,6 +426,13 @@ class Pipeline:
         self.metrics.inflight_events.set(bk.inflight_events)
         self.metrics.inflight_bytes.set(bk.inflight_bytes)
         failover = failover_readiness(c, self.s.slot_name)
+        if failover[0] is not self._failover_ready:
+            # One line per change: the dashboard and the gauge carry the state in between.
+            if failover[0] is False:
+                log.warning("a promotion of the standby now would not keep the relay's position: %s", failover[1])
+            elif self._failover_ready is False:
+                log.info("failover readiness restored: %s", failover[1])
+            self._failover_ready = failover[0]
         self.metrics.failover_ready.set(-1 if failover[0] is None else int(failover[0]))
         self.metrics.standby_lag_bytes.set(failover[2] or 0)
         ledger_sql.record_progress(c, self.s.slot_name, self.s.relay_id, bk.confirmed, self.watermark, failover)

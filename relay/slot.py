@@ -163,7 +163,16 @@ def failover_readiness(conn: psycopg.Connection, slot: str) -> tuple[bool | None
     failover, standby_slots = row
     names = [n.strip().strip('"') for n in (standby_slots or "").split(",") if n.strip()]
     if not names:
-        return None, "no standby is configured (synchronized_standby_slots is empty)", None
+        streaming = [] if not failover else [r[0] for r in conn.execute(
+            "SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'physical' AND active ORDER BY 1")]
+        if not streaming:
+            return None, "no standby is configured (synchronized_standby_slots is empty)", None
+        # A failover slot synced to a standby the walsender does not wait for: the relay can publish
+        # a transaction the standby never receives, which after a promotion is in Kafka only.
+        listed = ", ".join(streaming)
+        return False, (f"standby slot(s) {streaming} stream from this primary but synchronized_standby_slots is "
+                       f"empty, so the relay may publish transactions a promoted standby would not have. Fix: "
+                       f"ALTER SYSTEM SET synchronized_standby_slots = '{listed}'; SELECT pg_reload_conf();"), None
     if not failover:
         return False, f"slot {slot!r} is not a failover slot (OUTBOX_SLOT_FAILOVER)", None
     rows = conn.execute(

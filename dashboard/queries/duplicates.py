@@ -9,9 +9,11 @@ from dashboard.queries.common import frame, storable
 
 
 def duplicate_totals(conn: psycopg.Connection, hours: int = 24) -> pd.DataFrame:
-    """Per consumer over the last `hours`: records processed, suppressed as duplicates, dead-lettered."""
+    """Per consumer over the last `hours`: records processed, suppressed as duplicates (split by cause:
+    `redelivered` the same Kafka record again, `republished` another record of the event), dead-lettered."""
     return frame(conn, """
         SELECT consumer, sum(processed)::bigint AS processed, sum(duplicates)::bigint AS suppressed,
+               sum(redelivered)::bigint AS redelivered, (sum(duplicates) - sum(redelivered))::bigint AS republished,
                sum(dead_lettered)::bigint AS dead_lettered,
                round(100.0 * sum(duplicates) / nullif(sum(processed) + sum(duplicates), 0), 2)::float8
                    AS suppressed_pct
@@ -42,7 +44,8 @@ def most_duplicated(conn: psycopg.Connection, consumer: str | None = None, *, or
     order_by = "m.duplicates DESC, m.last_seen DESC" if order == "count" else "m.last_seen DESC"
     possible = consumer is None or storable(consumer)
     return frame(conn, f"""
-        SELECT m.consumer, m.event_id::text AS event_id, m.duplicates, m.last_seen, m.first_seen, m.status,
+        SELECT m.consumer, m.event_id::text AS event_id, m.duplicates, m.redeliveries AS redelivered,
+               m.duplicates - m.redeliveries AS republished, m.last_seen, m.first_seen, m.status,
                e.event_type, e.aggregate_type, e.aggregate_id, m.topic, m.kafka_partition, m.kafka_offset
           FROM outbox.inbox_messages m
           LEFT JOIN outbox.events e ON e.event_id = m.event_id

@@ -26,8 +26,11 @@ def render(ctx: Context) -> None:
         most = queries.most_duplicated(conn, chosen, order="count")
         recent = queries.most_duplicated(conn, chosen, order="recent")
     st.caption("A duplicate is a delivery of an event this consumer already took responsibility for (same "
-               "event_id): after a relay crash (at-least-once), a consumer restart or rebalance, or a replay "
-               "of the topic. It is counted and suppressed; the handler does not run again.")
+               "event_id). It is counted and suppressed; the handler does not run again. By cause: "
+               "**redelivered** is the same Kafka record (topic, partition, offset) again: Kafka gave it to the "
+               "consumer twice (a rebalance, a zombie instance, a replayed offset); **republished** is another "
+               "Kafka record carrying the event id: the relay published it again (a crash in at-least-once "
+               "mode, a dead-letter replay, `--reset-checkpoint`) or a producer emitted the same event id twice.")
     if chosen:
         totals = totals[totals["consumer"] == chosen]
         over_time = over_time[over_time["consumer"] == chosen]

@@ -84,7 +84,7 @@ class PaymentWorker:
 
     def start(self) -> None:
         with self.lock, open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = self._spawn(out)
 
     def crash(self, while_dead) -> None:
         """kill -9, run `while_dead()`, start again: one step, so nobody restarts it in between."""
@@ -95,7 +95,12 @@ class PaymentWorker:
                 while_dead()
             finally:
                 with open(self.log_path, "ab") as out:
-                    self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+                    self.proc = self._spawn(out)
+
+    def _spawn(self, out) -> subprocess.Popen:
+        # Its own session: Ctrl-C in the terminal reaches the whole foreground process group, and
+        # the worker must keep running while the demo settles the orders in flight, then get SIGTERM.
+        return subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def exited(self) -> int | None:
         with self.lock:
@@ -123,6 +128,7 @@ class Demo:
         self.stop = threading.Event()  # everything
         self.quiet = threading.Event()  # the shop and the faults: set when the run is over, before draining
         self.threads: list[threading.Thread] = []
+        self.failed: list[str] = []  # components whose thread died: the demo stops and exits 1
         self.injected = Injected()
 
     def run(self) -> int:
@@ -183,7 +189,7 @@ class Demo:
                       "(Ctrl-C again to stop at once).", file=sys.stderr)
             self.quiet.set()
             try:
-                settled = self._drain(dsn)
+                settled = not self.failed and self._drain(dsn)
             except KeyboardInterrupt:
                 settled = False
         finally:
@@ -203,6 +209,9 @@ class Demo:
             print(f"Not settled when the demo stopped: {summary.unsettled()}. Nothing is lost: the events wait "
                   f"in the outbox or Kafka, unknown outcomes in the ledger, and the next `outbox demo` (or the "
                   f"dashboard's Unknown outcome page) takes them from there.", file=sys.stderr)
+        if self.failed:
+            print(f"The demo stopped because {', '.join(self.failed)} failed (traceback above).", file=sys.stderr)
+            return 1
         return 0
 
     # ----- the parts
@@ -223,7 +232,9 @@ class Demo:
             try:
                 target()
             except Exception:  # noqa: BLE001 - a demo thread dying must be visible, not silent
-                log.exception("demo component %s failed", name)
+                log.exception("demo component %s failed; stopping the demo", name)
+                self.failed.append(name)
+                self.stop.set()
 
         thread = threading.Thread(target=guarded, name=f"demo-{name}", daemon=True)
         thread.start()
@@ -239,7 +250,7 @@ class Demo:
     def _dashboard(self, urls) -> subprocess.Popen:
         env = {"OUTBOX_DATABASE_URL": urls.database_url.secret(), "OUTBOX_KAFKA_BOOTSTRAP": urls.kafka_bootstrap}
         return subprocess.Popen([sys.executable, "-m", "outbox.cli", "dashboard"], env={**os.environ, **env},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
     def _watch_worker(self) -> None:
         code = self.worker.exited()

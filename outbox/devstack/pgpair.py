@@ -59,7 +59,10 @@ class PgPair:
 
     @property
     def primary(self) -> EmbeddedPostgres:
-        return self.node(self.primary_name, self._primary_config(with_standby_slot=False))
+        # Whoever starts the primary (a restart included) writes its whole config: a primary that
+        # has a standby must keep synchronized_standby_slots, or the relay could publish
+        # transactions the standby never received and a failover would leave them only in Kafka.
+        return self.node(self.primary_name, self._primary_config(with_standby_slot=self._has_standby()))
 
     @property
     def standby(self) -> EmbeddedPostgres:
@@ -102,6 +105,14 @@ class PgPair:
         hosts = ",".join(f"127.0.0.1:{p}" for p in ports if p)
         password = self.primary.password_file.read_text().strip()
         return Dsn(f"postgresql://{SUPERUSER}:{password}@{hosts}/{DATABASE}?target_session_attrs=read-write")
+
+    def restart_primary(self, pause: float = 0.0) -> str:
+        primary = self.primary
+        port = primary.status().port
+        primary.stop()
+        time.sleep(pause)
+        primary.start(port)
+        return self.primary_name
 
     def promote(self, hard: str = "immediate") -> dict:
         """Crash the primary (`immediate`: pg_ctl stop -m immediate; `kill`: SIGKILL of the
@@ -217,6 +228,10 @@ class PgPair:
         return {"primary_conninfo": f"'{conninfo}'", "primary_slot_name": f"'{slot_for(self.standby_name)}'",
                 "hot_standby_feedback": "on", "sync_replication_slots": "on", "hot_standby": "on",
                 "synchronized_standby_slots": None}
+
+    def _has_standby(self) -> bool:
+        # Its physical slot is created before the standby is built, so a standby implies the slot.
+        return self._is_standby(self.node(self.standby_name))
 
     @staticmethod
     def _is_standby(node: EmbeddedPostgres) -> bool:

@@ -126,6 +126,14 @@ class DevStack:
             self._write_state(state)
         return stopped
 
+    def restart_primary(self, pause: float = 0.0) -> str:
+        """Stop the PostgreSQL primary (fast), wait `pause` seconds, start it on its port; its name."""
+        with self._locked():
+            state = self._read_state()
+            if not state.get("pg", {}).get("standby"):
+                raise StackError("restart_primary is for the primary + standby layout (`outbox dev up --pg-standby`)")
+            return self.pg_pair(state).restart_primary(pause)
+
     def promote(self, hard: str = "immediate") -> dict:
         """Crash the PostgreSQL primary and promote its standby; the multi-host URL then reaches it."""
         with self._locked():

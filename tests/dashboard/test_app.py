@@ -78,6 +78,8 @@ def test_duplicates_view_names_the_redelivered_events(scenario_app, dashboard_sc
     [totals] = frames(at, "suppressed_pct")
     totals = totals.set_index("consumer")
     assert totals.loc["billing", "suppressed"] == 3 and totals.loc["shipping", "suppressed"] == 3
+    assert totals.loc["billing", "republished"] == 3 and totals.loc["billing", "redelivered"] == 0
+    assert "**republished** is another Kafka record" in " ".join(c.value for c in at.caption)
     most, recent = frames(at, "duplicates")
     assert set(most["event_id"]) == set(recent["event_id"]) == set(dashboard_scenario.duplicated)
     assert most["duplicates"].tolist()[:2] == [2, 2]

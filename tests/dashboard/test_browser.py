@@ -1,20 +1,15 @@
 """The one real-browser test: `outbox dashboard` as a user starts it, against the running stack
 the real relay and consumers filled, loaded view by view in Debian's headless Chromium. Asserts
-on what is visible and saves the screenshots the README and docs/dashboard.md show.
+on what is visible and saves a screenshot of each view into pytest's temporary directory (to look
+at when it fails). The screenshots in docs/ come from a live demo instead: docs/screenshots.py.
 
 Skips when Chromium or chromedriver is missing, unless OUTBOX_REQUIRE_BROWSER=1 (CI), where a
-missing browser is a failure. Screenshots go to pytest's temporary directory; with
-OUTBOX_UPDATE_SCREENSHOTS=1 they replace the ones in docs/ (so a test run leaves the tree clean)."""
+missing browser is a failure."""
 
 from __future__ import annotations
 
-import os
 import time
 from urllib.parse import urlencode
-
-from tests.support.paths import REPO
-
-DOCS = REPO / "docs"
 
 
 def _wait_for_text(driver, expected: list[str], timeout: float = 30) -> str:
@@ -31,7 +26,7 @@ def _wait_for_text(driver, expected: list[str], timeout: float = 30) -> str:
 
 
 def test_each_view_in_headless_chromium(dashboard_url, browser, dashboard_scenario, tmp_path):
-    shots = DOCS if os.environ.get("OUTBOX_UPDATE_SCREENSHOTS") == "1" else tmp_path
+    shots = tmp_path
     events = dashboard_scenario.events
     pages = [
         ("overview", {"view": "Overview"}, ["Needs attention", "2 effects with an unknown outcome need a decision",

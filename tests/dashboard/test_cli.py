@@ -34,7 +34,8 @@ def test_status_lists_what_needs_attention_with_exit_code_3(dashboard_scenario, 
     out = result.stdout
     assert f"slot        {s.slot} (at-least-once): lag " in out and "wal_status reserved" in out
     assert "consumer    billing: lag 0 over 3 partitions" in out
-    assert "duplicates  suppressed in the last hour: billing 3, shipping 3" in out
+    assert ("duplicates  suppressed in the last hour: billing 3 (0 redelivered, 3 republished), "
+            "shipping 3 (0 redelivered, 3 republished)") in out
     assert "unknown     2 effects (+2 in progress), 2 relay batches" in out
     assert "dead        relay 1, inbox 2 open" in out
     assert "NEEDS ATTENTION:\n" in out and "! 2 effects with an unknown outcome need a decision" in out

@@ -123,6 +123,10 @@ def test_duplicates_name_each_redelivered_event_with_its_count(s, dash):
     assert set(recent["consumer"]) == {"billing"} and recent["last_seen"].is_monotonic_decreasing
     totals = read(dash, q_duplicates.duplicate_totals, 24).set_index("consumer")
     assert totals.loc["billing", "suppressed"] == totals.loc["shipping", "suppressed"] == 3
+    # The scenario's duplicates are records produced again (what a relay replay does), not Kafka
+    # redelivering the same record: tests/inbox/test_process.py covers the other cause.
+    assert totals[["redelivered", "republished"]].to_dict("list") == {"redelivered": [0, 0], "republished": [3, 3]}
+    assert (most["republished"] == most["duplicates"]).all() and (most["redelivered"] == 0).all()
     over_time = read(dash, q_duplicates.duplicates_over_time, 24)
     assert over_time.groupby("consumer")["suppressed"].sum().to_dict() == {"billing": 3, "shipping": 3}
     with pytest.raises(ValueError):

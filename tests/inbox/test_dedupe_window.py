@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 
 import pytest
@@ -82,3 +83,31 @@ def test_pattern_subscription_checks_each_topic_as_it_is_assigned_and_refuses_a_
     assert len(bg.error) == 1 and isinstance(bg.error[0], InboxError), bg.error
     assert f"topic {topic} keeps records for 3 days" in str(bg.error[0])
     assert handled == []
+
+
+def test_runner_started_before_its_topic_exists_checks_the_window_once_the_relay_creates_it(db, kafka, topic_prefix):
+    """A fresh `outbox demo` once stopped its shipping consumer: it started before the relay had
+    created the topic, and an unreadable configuration counted as a short window. A topic that
+    does not exist yet is checked when it is assigned, and the Runner does not create it."""
+    from kafka.admin import KafkaAdminClient
+
+    short, fine = f"{topic_prefix}.later-short", f"{topic_prefix}.later-fine"
+    refused = Background(Runner("windowed-short", lambda conn, msg: None, dsn=db, bootstrap=kafka, topics=[short],
+                                poll_timeout_s=0.2, retention_window_s=86_400))
+    accepted = Background(runner(db, kafka, fine, retention_window_s=6 * 86_400))
+    time.sleep(3)  # both subscribed to topics nobody created
+    admin = KafkaAdminClient(bootstrap_servers=kafka)
+    try:
+        assert not {short, fine} & set(admin.list_topics()), "a Runner created its topic"
+    finally:
+        admin.close()
+    assert refused.thread.is_alive() and accepted.thread.is_alive()
+
+    create_topic(kafka, short, partitions=2, configs={"retention.ms": str(3 * DAY_MS)})
+    create_topic(kafka, fine, partitions=2, configs={"retention.ms": str(DAY_MS)})
+    produce(kafka, fine, [(b"acc-1", deposit("acc-1", 1), headers_for(uuid.uuid4()))])
+    refused.thread.join(120)
+    assert not refused.thread.is_alive(), "the runner kept running on a topic its window does not cover"
+    assert len(refused.error) == 1 and f"topic {short} keeps records for 3 days" in str(refused.error[0])
+    caught_up(db, "windowed", kafka, fine, timeout=120)
+    assert accepted.stop().processed == 1

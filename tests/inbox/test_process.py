@@ -65,6 +65,27 @@ def test_same_event_five_times_applies_once_and_counts_four_duplicates(conn, spl
     assert stats(conn) == (1, 4, 0)
 
 
+def test_duplicates_are_counted_by_cause_the_same_kafka_record_or_another_record_of_the_event(conn):
+    e, f = uuid.uuid4(), uuid.uuid4()
+    first = records([(e, "acc-1", 10)])[0]
+    republished = records([(e, "acc-1", 10)], start=1)[0]
+    process(conn, "c", [first], apply_deposit)
+    process(conn, "c", [first], apply_deposit)  # Kafka delivered the same record again
+    process(conn, "c", [republished], apply_deposit)  # another record carries the event id
+    process(conn, "c", [first, *records([(e, "acc-1", 10)], start=2)], apply_deposit)  # one of each
+    process(conn, "c", records([(f, "acc-2", 5)] * 2, start=3), apply_deposit)  # new, then a repeat in the batch
+
+    def causes(event_id):
+        return conn.execute("SELECT duplicates, redeliveries FROM outbox.inbox_messages WHERE event_id = %s "
+                            "AND consumer = 'c'", (event_id,)).fetchone()
+
+    assert causes(e) == (4, 2)
+    assert causes(f) == (1, 0)
+    assert conn.execute("SELECT sum(duplicates), sum(redelivered) FROM outbox.inbox_stats "
+                        "WHERE consumer = 'c'").fetchone() == (5, 2)
+    assert applied(conn) == {e: 1, f: 1}
+
+
 def test_consumers_dedupe_independently(conn):
     eid = uuid.uuid4()
     for consumer in ("billing", "shipping", "billing"):

@@ -68,6 +68,12 @@ def check(dsn, kafka: str, topic: str, delivery: str) -> dict:
     return {"events": len(rows), "duplicates": sum(counts.values()) - len(counts)}
 
 
+def alter_system(dsn, change: str) -> None:
+    with psycopg.connect(dsn.secret(), autocommit=True) as conn:
+        conn.execute(f"ALTER SYSTEM {change}")
+        conn.execute("SELECT pg_reload_conf()")
+
+
 def busiest_leader(dev, topic: str) -> int:
     leaders = collections.Counter(dev.leaders(topic).values())
     return leaders.most_common(1)[0][0]
@@ -99,6 +105,44 @@ def test_broker_leading_the_busiest_partitions_fails_under_load_and_nothing_is_l
                  "every event to be published after the broker came back")
         result = check(ha_db, urls.kafka_bootstrap, topic, delivery)
         print(f"{fault} of broker {node}, {delivery}: {result}")
+        assert sigterm(proc) == 0, (tmp_path / "relay.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_restarted_primary_still_holds_the_relay_behind_its_standby(ha, ha_db, topic_prefix, tmp_path):
+    """A chaos run once restarted the primary without synchronized_standby_slots: the relay then
+    published transactions the standby never received and, after the promotion, its checkpoint
+    described WAL the new primary did not have. A primary that stops waiting for its standby is
+    reported not failover-ready with the fix, and a restart keeps the setting."""
+    dev, urls = ha
+    pair = dev.pg_pair(dev._read_state())
+    primary = pair.node_dsn("primary", database="postgres")
+    standby_slot = f"outbox_dev_standby_{pair.standby_name}"
+    env = relay_env(ha_db, urls.kafka_bootstrap, topic_prefix, delivery="exactly-once")
+    proc = relay_process(env, tmp_path / "relay.log")
+
+    def readiness():
+        return query(ha_db, "SELECT failover_ready, failover_detail FROM outbox.relay_status")[0]
+
+    try:
+        wait_streaming(ha_db, timeout=60)
+        dev.wait_slot_synced(f"slot_{topic_prefix}", timeout=120)
+        wait_for(lambda: readiness()[0] is True, 30, "the relay to report failover readiness")
+
+        alter_system(primary, "SET synchronized_standby_slots = ''")
+        wait_for(lambda: readiness()[0] is False, 30, "the relay to report the primary not waiting for its standby")
+        detail = readiness()[1]
+        assert "synchronized_standby_slots is empty" in detail, detail
+        assert f"ALTER SYSTEM SET synchronized_standby_slots = '{standby_slot}'" in detail, detail
+        wait_for(lambda: "would not keep the relay's position" in (tmp_path / "relay.log").read_text(), 10,
+                 "the relay to log the lost readiness")
+
+        alter_system(primary, "RESET synchronized_standby_slots")
+        assert dev.restart_primary(pause=0.5) == pair.primary_name
+        assert query(primary, "SHOW synchronized_standby_slots") == [(standby_slot,)]
+        wait_for(lambda: readiness()[0] is True, 60, "failover readiness after the primary's restart")
         assert sigterm(proc) == 0, (tmp_path / "relay.log").read_text()[-3000:]
     finally:
         if proc.poll() is None:

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from inbox.plan import plan_batch
+from inbox.plan import Suppressed, plan_batch
 from tests.support.inbox import Rec, headers_for
 
 A, B, C = (uuid.UUID(int=i) for i in (1, 2, 3))
@@ -26,15 +26,15 @@ def test_plan_marks_repeats_inside_the_batch_and_partition_ends():
     assert plan.next_offsets == {("t", 0): 14, ("t", 1): 7}
     assert plan.records_per_partition == {("t", 0): 4, ("t", 1): 2}
     # All first occurrences new: only the in-batch repeats are suppressed.
-    assert plan.suppressed([0, 1, 3]) == {A: 2, B: 1}
+    assert plan.suppressed([0, 1, 3]) == [Suppressed(A, 2, 0, False), Suppressed(B, 1, 1, False)]
     # A was already in the inbox: all three of its deliveries are duplicates.
-    assert plan.suppressed([1, 3]) == {A: 3, B: 1}
+    assert plan.suppressed([1, 3]) == [Suppressed(A, 3, 0, True), Suppressed(B, 1, 1, False)]
     assert plan.tallies(records, [1, 3]) == {("t", 0): (1, 3, 0), ("t", 1): (1, 1, 0)}
 
 
 def test_plan_without_duplicates_suppresses_nothing():
     plan = plan_batch([rec(0, A), rec(1, B)])
-    assert plan.suppressed([0, 1]) == {}
+    assert plan.suppressed([0, 1]) == []
     assert plan.tallies([rec(0, A), rec(1, B)], [0, 1]) == {("t", 0): (2, 0, 0)}
 
 
