@@ -53,8 +53,9 @@ class Migration:
 # The files a consumer-only database needs (`outbox migrate --inbox-only`): the inbox, its offsets
 # and the effects ledger. Kept as a list here rather than a marker inside the files, because adding
 # a marker would change the checksum of files databases already applied. A file listed here must
-# not reference the outbox's own objects (tests/unit/test_migration_sets.py holds it to that).
-INBOX_VERSIONS = frozenset({3})
+# not reference the outbox's own objects, and a file that changes only inbox objects must be listed
+# (tests/unit/test_migration_sets.py holds both).
+INBOX_VERSIONS = frozenset({3, 14})
 
 
 def available() -> list[Migration]:

@@ -23,6 +23,22 @@ def test_inbox_migrations_reference_only_inbox_objects():
     assert set(INBOX_TABLES) <= created
 
 
+def inbox_objects() -> set[str]:
+    created = set()
+    for m in available():
+        if m.version in INBOX_VERSIONS:
+            created |= set(re.findall(r"CREATE (?:TABLE|VIEW|INDEX \w+ ON) outbox\.(\w+)", m.sql))
+    return created
+
+
+@pytest.mark.parametrize("migration", available(), ids=lambda m: m.filename)
+def test_a_migration_that_changes_only_inbox_objects_is_an_inbox_migration(migration):
+    """Otherwise a consumer-only database would lack it while the inbox code relies on it."""
+    referenced = set(re.findall(r"\boutbox\.(\w+)", migration.sql))
+    if referenced and referenced <= inbox_objects():
+        assert migration.version in INBOX_VERSIONS, f"add {migration.version} to INBOX_VERSIONS (outbox/core/migrate.py)"
+
+
 @pytest.mark.parametrize("role", list(ROLES))
 def test_grants_name_the_login_quoted_and_only_the_relay_needs_replication(role):
     text = render(role, 'Odd"Name')
