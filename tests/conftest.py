@@ -148,4 +148,4 @@ def logins(db, admin_dsn):
 
     made = Logins(db, admin_dsn)
     yield made
-    made.drop([db.params()["dbname"]])
+    made.drop()

@@ -33,16 +33,22 @@ class Logins:
         self.names.append(name)
         return name, self.db.with_params(user=name, password=password)
 
-    def drop(self, databases: list[str]) -> None:
+    def drop(self) -> None:
+        """DROP OWNED in every database of the server (a test may have used another one), then the roles."""
         names, self.names = self.names, []
-        for name in names:
-            for database in databases:
-                try:
-                    with psycopg.connect(self.admin.with_params(dbname=database).secret(), autocommit=True) as conn:
+        if not names:
+            return
+        with psycopg.connect(self.admin.secret(), autocommit=True) as conn:
+            databases = [d for (d,) in conn.execute("SELECT datname FROM pg_database WHERE datallowconn")]
+        for database in databases:
+            try:
+                with psycopg.connect(self.admin.with_params(dbname=database).secret(), autocommit=True) as conn:
+                    for name in names:
                         conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(name)))
-                except psycopg.OperationalError:
-                    pass  # that database was dropped already
-            with psycopg.connect(self.admin.secret(), autocommit=True) as conn:
+            except psycopg.OperationalError:
+                pass  # dropped meanwhile
+        with psycopg.connect(self.admin.secret(), autocommit=True) as conn:
+            for name in names:
                 conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
                 conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
 
