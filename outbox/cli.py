@@ -2,7 +2,9 @@
 registers its own subcommands; `migrate` belongs to the shared core.
 
 Exit codes (outbox.core.exits): 0 success, 1 the operation failed, 2 bad usage or configuration,
-3 a check found something that needs attention, 130 interrupted.
+3 a check found something that needs attention, 4 PostgreSQL refused the login, 5 a privilege,
+REPLICATION or the publication is missing, 6 a Kafka topic is missing and may not be created,
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -24,9 +26,19 @@ from relay.cli import register as register_relay
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     from outbox.core.migrate import migrate
 
-    migrate(settings.require_database_url(), wal_check=not args.no_wal_check,
+    migrate(settings.require_database_url(), wal_check=not args.no_wal_check, inbox_only=args.inbox_only,
             log=lambda line: print(line, file=sys.stderr))
     return EXIT_OK
+
+
+def _grants(args: argparse.Namespace, settings: Settings) -> int:
+    from outbox.core import grants
+
+    if not args.apply:
+        print(grants.render(args.role, args.login))
+        return EXIT_OK
+    return grants.apply(settings.require_database_url(), args.role, args.login,
+                        log=lambda line: print(line, file=sys.stderr))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Apply pending sql/ migrations (idempotent, versioned, safe to run concurrently).")
     mig.add_argument("--no-wal-check", action="store_true",
                      help="install the schema even if wal_level is not 'logical'")
+    mig.add_argument("--inbox-only", action="store_true",
+                     help="a database only consumers use: the inbox tables and the effects ledger; no wal_level "
+                     "check, no publication")
     mig.set_defaults(func=_migrate)
+
+    from outbox.core.grants import ROLES
+
+    gr = sub.add_parser("grants", help="print (or --apply) the least privileges of a producer, relay, consumer or "
+                        "dashboard role",
+                        description="The GRANT statements one part needs, for an existing role (a login, or a "
+                        "NOLOGIN group role its logins are members of). "
+                        + " ".join(f"{r}: {what}." for r, what in ROLES.items())
+                        + " The relay also needs the REPLICATION attribute, which a group role cannot pass on: "
+                        "the output names ALTER ROLE ... REPLICATION and the managed services' equivalents. "
+                        "See docs/roles.md. Exit codes: 0 done, 4 login refused, 5 a privilege is missing "
+                        "(the message says which and who can give it).")
+    gr.add_argument("--role", required=True, choices=list(ROLES))
+    gr.add_argument("--login", required=True, metavar="NAME", help="the existing role that gets the privileges")
+    gr.add_argument("--apply", action="store_true",
+                    help="run the statements as OUTBOX_DATABASE_URL (the schema's owner) instead of printing them")
+    gr.set_defaults(func=_grants)
 
     # The registering modules import their extras (embedded, dashboard) only when a command runs,
     # so `--help` and every other command work on a plain install.
@@ -76,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                  or type(exc).__module__.startswith("psycopg"))
         message = str(exc) if known else f"{type(exc).__name__}: {exc}"
         print(f"outbox {args.command}: error: {redact(message)}", file=sys.stderr)
-        return EXIT_FAILED
+        return exc.code if isinstance(exc, MigrationError) else EXIT_FAILED
 
 
 if __name__ == "__main__":

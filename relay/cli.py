@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "OUTBOX_METRICS_HOST (/metrics, /healthz liveness, /readyz readiness: 200 only on the streaming relay); "
         "for an authenticated broker OUTBOX_KAFKA_SECURITY_PROTOCOL, OUTBOX_KAFKA_SASL_MECHANISM, "
         "OUTBOX_KAFKA_SASL_USERNAME, OUTBOX_KAFKA_SASL_PASSWORD, OUTBOX_KAFKA_SSL_CAFILE. Exit codes: 0 stopped "
-        "cleanly, 1 a problem that needs a fix (the message says which), 2 bad configuration.")
+        "cleanly, 1 a problem that needs a fix (the message says which), 2 bad configuration, 4 PostgreSQL "
+        "refused the login, 5 a privilege, the REPLICATION attribute or the publication is missing (see "
+        "`outbox grants`), 6 a Kafka topic is missing and the relay may not create it.")
     rel.add_argument("--recreate-slot", action="store_true",
                      help="drop and re-create the replication slot (after it was invalidated), republishing every "
                      "outbox event not recorded as published")

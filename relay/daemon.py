@@ -21,6 +21,7 @@ from psycopg import sql
 
 from outbox.core.lsn import str_to_lsn
 from outbox.core.redact import redact
+from outbox.core.refusals import refusal
 from outbox.core.settings import Settings
 from outbox.core.sqlident import quote_ident
 from relay import ledger as ledger_sql
@@ -94,11 +95,18 @@ class Relay:
         self.stop = threading.Event()
         self.poison: dict[bytes, Failure] = {}
         self.identity: Identity | None = None
+        # The cause of the retries going on, if any: the log gets one line when it starts, changes
+        # or ends, not one per attempt (a broker down for an hour would bury everything else).
+        self._failing: str | None = None
 
     def request_stop(self) -> None:
         self.stop.set()
 
     def run(self) -> int:
+        if not log.isEnabledFor(logging.DEBUG):
+            # kafka-python logs each reconnect attempt at ERROR/WARNING; the relay says once per
+            # state change what is wrong with Kafka and how to fix it.
+            logging.getLogger("kafka.net").setLevel(logging.CRITICAL)
         server = serve(self.metrics, self.s.metrics_port, self.s.metrics_host)
         log.info("relay %s starting: slot=%s publication=%s delivery=%s kafka=%s database=%s",
                  self.s.relay_id, self.s.slot_name, self.s.publication, self.s.delivery, self.s.kafka_description,
@@ -112,11 +120,18 @@ class Relay:
                     backoff = 1.0
                 except FatalError as exc:
                     self._fail(str(exc))
-                    return 1
+                    return exc.code
                 except Fenced as exc:
                     log.warning("another relay took over this slot's Kafka transactions (%s); back to standby", exc)
                 except (Transient, Restart, ReplicationError, psycopg.Error, kerr.KafkaError, OSError,
                         TimeoutError) as exc:
+                    # A refused login or a missing privilege or REPLICATION attribute comes back on
+                    # every retry: stop with the fix (and a code saying which) instead of looping.
+                    refused = refusal(exc, self.dsn, component="relay") or refusal(exc.__cause__, self.dsn,
+                                                                                   component="relay")
+                    if refused is not None:
+                        self._fail(refused.message)
+                        return refused.code
                     message = redact(str(exc))
                     if not message.startswith(type(exc).__name__):  # kafka-python's errors name themselves
                         message = f"{type(exc).__name__}: {message}"
@@ -124,8 +139,13 @@ class Relay:
                     self.metrics.last_error = message
                     if isinstance(exc, (kerr.KafkaError, Fenced)) or "Kafka" in message:
                         self.metrics.kafka_ok = False
-                    log.warning("pipeline stopped, restarting from the slot in %.0f s: %s", backoff, message)
-                    self._record_error(message)
+                    if message != self._failing:
+                        log.warning("pipeline stopped, restarting from the slot in %.0f s: %s (retrying; logged "
+                                    "again when the cause changes)", backoff, message)
+                    else:
+                        log.debug("still failing, restarting in %.0f s: %s", backoff, message)
+                    self._failing = message
+                    self._record_error(message)  # last_error_at: the dashboard shows the failure is current
                     if time.monotonic() - started > 60:
                         backoff = 1.0
                     self.stop.wait(backoff)
@@ -162,7 +182,7 @@ class Relay:
             self._register(control)
             if not self._become_active(control):
                 return
-            log.info("relay %s is active for slot %s", s.relay_id, s.slot_name)
+            (log.debug if self._failing else log.info)("relay %s is active for slot %s", s.relay_id, s.slot_name)
             server = identify_server(self.dsn)
             dboid = self._check_recorded_identity(control, server)
             slots.ensure_publication(control, s.publication)
@@ -203,6 +223,9 @@ class Relay:
                     self._backfill(control, pipeline, snapshot, resume)
                 self._open_stream(control, stream)
                 self.metrics.streaming = True
+                if self._failing is not None:
+                    log.info("relay %s streams again (it had failed with: %s)", s.relay_id, self._failing)
+                    self._failing = None
                 self.metrics.role = "active"
                 self.metrics.active.set(1)
                 self._set_role("active", control)

@@ -304,7 +304,7 @@ class Pipeline:
         bk = self.bk
         self.publisher.poll()
         if self.ledger.error is not None:
-            raise Transient(f"writing the relay ledger failed: {self.ledger.error}")
+            raise Transient(f"writing the relay ledger failed: {self.ledger.error}") from self.ledger.error
         if not self.eos:
             for batch in list(bk.awaiting_kafka()):
                 handles = batch.handles

@@ -17,6 +17,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as kerr
 from kafka.codec import has_lz4, has_zstd
 
+from outbox.core.exits import EXIT_TOPIC_MISSING
 from outbox.core.settings import Settings
 from relay.bookkeeper import Failure
 from relay.slot import FatalError
@@ -250,7 +251,7 @@ class TopicProvisioner:
         error = kerr.for_code(info["error_code"])
         if error is kerr.UnknownTopicOrPartitionError:
             raise FatalError(f"topic {topic!r} does not exist and the relay does not create it: {why}. Events for "
-                             f"it stay unacknowledged in the slot until then; nothing is lost.")
+                             f"it stay unacknowledged in the slot until then; nothing is lost.", EXIT_TOPIC_MISSING)
         # Exists, or not even visible to us: the producer finds out, and a topic the relay may not
         # write is dead-lettered with reason 'authorization'.
 

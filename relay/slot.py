@@ -10,11 +10,17 @@ import re
 
 import psycopg
 
+from outbox.core.exits import EXIT_FAILED, EXIT_PRIVILEGE
 from outbox.core.migrate import wal_level_problem
 
 
 class FatalError(Exception):
-    """A problem that retrying will not solve; the message says how to fix it."""
+    """A problem that retrying will not solve; the message says how to fix it, `code` is the exit
+    code (outbox.core.exits) that tells scripts and orchestrators which kind of fix it is."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.code = code
 
 
 SLOT_LOST_FIX = (
@@ -47,6 +53,13 @@ def lock_key(slot: str) -> str:
 def check_server(conn: psycopg.Connection) -> None:
     if (problem := wal_level_problem(conn)) is not None:
         raise FatalError(problem)
+    exists, usable = conn.execute("SELECT n.oid IS NOT NULL, has_schema_privilege(n.oid, 'USAGE') FROM "
+                                  "(SELECT NULL) x LEFT JOIN pg_namespace n ON n.nspname = 'outbox'").fetchone()
+    if exists and not usable:
+        # Without this, the lookup below would call the schema missing and send the operator to migrate.
+        user = conn.execute("SELECT current_user").fetchone()[0]
+        raise FatalError(f"role {user!r} may not use the schema `outbox` (no USAGE privilege). Fix: as its owner run "
+                         f"`outbox grants --role relay --login {user} --apply`. See docs/roles.md.", EXIT_PRIVILEGE)
     if conn.execute("SELECT to_regclass('outbox.relay_batches')").fetchone()[0] is None:
         raise FatalError("the outbox schema is missing or outdated in this database. Fix: run `outbox migrate` "
                          "against OUTBOX_DATABASE_URL.")
@@ -78,7 +91,7 @@ def ensure_publication(conn: psycopg.Connection, publication: str) -> None:
         raise FatalError(
             f"publication {publication!r} is missing and this role may not create it ({exc.diag.message_primary}). "
             f"Fix: run `outbox migrate` as the owner of outbox.events, or have them run CREATE PUBLICATION "
-            f"{publication} FOR TABLE outbox.events WITH (publish = 'insert')."
+            f"{publication} FOR TABLE outbox.events WITH (publish = 'insert').", EXIT_PRIVILEGE
         ) from None
 
 

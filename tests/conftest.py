@@ -139,3 +139,13 @@ def effects(db):
 
     with Effects(db, lease_s=5, owner="worker-a") as e:
         yield e
+
+
+@pytest.fixture
+def logins(db, admin_dsn):
+    """Login roles on `db`'s server (tests/support/roles.py), dropped after the test."""
+    from tests.support.roles import Logins
+
+    made = Logins(db, admin_dsn)
+    yield made
+    made.drop()

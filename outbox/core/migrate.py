@@ -16,7 +16,9 @@ from importlib import resources
 
 import psycopg
 
+from outbox.core.exits import EXIT_FAILED
 from outbox.core.redact import Dsn
+from outbox.core.refusals import refusal
 
 # Any constant works; this one is "outbox" in ASCII, to be recognisable in pg_locks.
 LOCK_KEY = 0x6F7574626F78
@@ -24,7 +26,9 @@ _FILENAME = re.compile(r"^(?P<version>\d{3})_(?P<name>[a-z0-9_]+)\.sql$")
 
 
 class MigrationError(Exception):
-    pass
+    def __init__(self, message: str, code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.code = code  # the `outbox migrate` exit code (outbox.core.exits)
 
 
 class WalLevelError(MigrationError):
@@ -44,6 +48,14 @@ class Migration:
     @property
     def filename(self) -> str:
         return f"{self.version:03d}_{self.name}.sql"
+
+
+# The files a consumer-only database needs (`outbox migrate --inbox-only`): the inbox, its offsets
+# and the effects ledger. Kept as a list here rather than a marker inside the files, because adding
+# a marker would change the checksum of files databases already applied. A file listed here must
+# not reference the outbox's own objects, and a file that changes only inbox objects must be listed
+# (tests/unit/test_migration_sets.py holds both).
+INBOX_VERSIONS = frozenset({3, 14})
 
 
 def available() -> list[Migration]:
@@ -81,9 +93,19 @@ def check_wal_level(conn: psycopg.Connection) -> None:
         raise WalLevelError(problem + " Use --no-wal-check to install the schema anyway.")
 
 
-def migrate(dsn: Dsn, *, wal_check: bool = True, log=print) -> list[Migration]:
-    """Apply pending migrations; returns those applied by this call."""
-    migrations = available()
+def migrate(dsn: Dsn, *, wal_check: bool = True, inbox_only: bool = False, log=print) -> list[Migration]:
+    """Apply pending migrations; returns those applied by this call. `inbox_only`: a database that
+    only consumers use gets the inbox files, no wal_level check and no publication."""
+    try:
+        return _migrate(dsn, wal_check=wal_check and not inbox_only, inbox_only=inbox_only, log=log)
+    except psycopg.Error as exc:
+        if (refused := refusal(exc, dsn, component="migrate")) is not None:
+            raise MigrationError(refused.message, refused.code) from None
+        raise
+
+
+def _migrate(dsn: Dsn, *, wal_check: bool, inbox_only: bool, log) -> list[Migration]:
+    migrations = [m for m in available() if m.version in INBOX_VERSIONS or not inbox_only]
     applied_now: list[Migration] = []
     # utf8: a SQL_ASCII database would otherwise hand every text value back as bytes.
     with psycopg.connect(dsn.secret(), autocommit=True, connect_timeout=15, client_encoding="utf8") as conn:
@@ -121,10 +143,12 @@ def migrate(dsn: Dsn, *, wal_check: bool = True, log=print) -> list[Migration]:
                         conn.execute("INSERT INTO outbox.schema_migrations (version, name, checksum) "
                                      "VALUES (%s, %s, %s)", (m.version, m.name, m.checksum))
                 except psycopg.Error as exc:
+                    if (refused := refusal(exc, dsn, component="migrate")) is not None:
+                        raise MigrationError(f"{m.filename} was rolled back: {refused.message}", refused.code) from None
                     raise MigrationError(f"{m.filename} failed and was rolled back: {exc}") from exc
                 applied_now.append(m)
                 log(f"applied {m.filename} ({(time.monotonic() - started) * 1000:.0f} ms)")
-            unknown = sorted(set(done) - {m.version for m in migrations})
+            unknown = sorted(set(done) - {m.version for m in available()})
             if unknown:
                 log(f"note: the database has migrations this release does not know: {unknown} (newer release?)")
         finally:

@@ -11,6 +11,7 @@ import pytest
 from kafka import KafkaAdminClient
 from psycopg.conninfo import conninfo_to_dict
 
+from outbox.core.exits import EXIT_TOPIC_MISSING
 from outbox.core.migrate import migrate
 from tests.support.databases import drop_database
 from tests.support.helpers import read_topic, wait_for
@@ -215,12 +216,12 @@ def test_text_that_is_not_utf8_is_dead_lettered_not_a_crash_loop(stack, admin_ds
         drop_database(admin_dsn, name)
 
 
-def test_missing_topic_the_relay_may_not_create_stops_it_with_the_topic_and_the_fix(db, kafka, topic_prefix):
+def test_missing_topic_with_autocreate_off_stops_with_exit_6_the_topic_and_the_fix(db, kafka, topic_prefix):
     relay = RelayThread(relay_settings(db, kafka, topic_prefix, topic_create="false"))
     relay.start()
     wait_streaming(db)
     emit_many(db, "order", 3, per_txn=3)
-    assert relay.join(60) == 1
+    assert relay.join(60) == EXIT_TOPIC_MISSING
     error = relay.relay.metrics.last_error
     assert f"topic '{topic_prefix}.order' does not exist" in error and "OUTBOX_TOPIC_CREATE" in error
     assert query(db, "SELECT count(*) FROM outbox.in_flight") == [(3,)]  # waiting, not lost
