@@ -1,6 +1,7 @@
 """Inbox throughput versus a bare kafka-python consume loop, on the same topic, in one run.
 
     python -m bench.inbox_bench [--records 200000] [--rounds 3] [--poll-records N] [--keep]
+    python -m bench.inbox_bench --io-ms 2 --parallel 1,3 --records 6000   # parallel partitions
 
 Starts the embedded stack under .outbox/bench (PostgreSQL 18 + Apache Kafka), fills one topic
 with relay-shaped records (envelope headers, time-ordered v7 event ids, ~200 B JSON values,
@@ -9,6 +10,10 @@ body, and the inbox Runner with an empty handler (every record deduplicated in P
 transaction per poll). Each inbox round is a new consumer, so every record is new to it. Rates are
 measured from the first record to the last one consumed (bare) or committed in PostgreSQL
 (inbox). Prints the medians and their ratio and saves JSON under bench/results/.
+
+With --io-ms the handler waits that long per record (a call to another service) and the Runner
+runs with each --parallel value in turn, same topic, same records: the ratio is the gain of
+parallel_partitions over one worker (inbox-parallel-*.json).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from inbox import Runner
+from inbox.consumer import PARALLEL_FETCH_BYTES
 from outbox.core.envelope import build_headers
 from outbox.core.migrate import migrate
 from outbox.core.settings import load_settings
@@ -90,21 +96,27 @@ def bare(bootstrap: str, topic: str, records: int, poll_records: int) -> float:
         consumer.close()
 
 
-def inbox(dsn, bootstrap: str, topic: str, records: int, poll_records: int) -> float:
+def inbox(dsn, bootstrap: str, topic: str, records: int, poll_records: int, *, io_s: float = 0.0,
+          parallel: int = 1) -> float:
     handled = 0
     first: list[float] = []
     all_handled = threading.Event()
+    lock = threading.Lock()  # the handler runs on several threads with parallel > 1
 
     def handler(conn, msg):
         nonlocal handled
-        if not first:
-            first.append(time.monotonic())
-        handled += 1
-        if handled == records:
-            all_handled.set()
+        if io_s:
+            time.sleep(io_s)
+        with lock:
+            if not first:
+                first.append(time.monotonic())
+            handled += 1
+            if handled == records:
+                all_handled.set()
 
     consumer = f"bench-{uuid.uuid4().hex[:8]}"
-    runner = Runner(consumer, handler, dsn=dsn, bootstrap=bootstrap, topics=[topic], max_poll_records=poll_records)
+    runner = Runner(consumer, handler, dsn=dsn, bootstrap=bootstrap, topics=[topic], max_poll_records=poll_records,
+                    parallel_partitions=parallel)
     thread = threading.Thread(target=runner.run, name="runner")
     thread.start()
     try:
@@ -137,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-records", type=int, default=None,
                         help="max_poll_records for both loops (default: OUTBOX_INBOX_POLL_RECORDS)")
     parser.add_argument("--keep", action="store_true", help="leave the bench stack running afterwards")
+    parser.add_argument("--io-ms", type=float, default=0.0,
+                        help="the handler waits this long per record; compares the --parallel values instead")
+    parser.add_argument("--parallel", default="1,3", help="parallel_partitions values to compare with --io-ms")
     args = parser.parse_args(argv)
     settings = load_settings(dev_kafka="apache")
     poll_records = args.poll_records or settings.inbox_poll_records
@@ -154,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         produce_rate, value_size = fill(urls.kafka_bootstrap, topic, args.records)
         print(f"filled {topic}: {args.records} records of {value_size} B ({produce_rate:,.0f}/s); "
               f"max_poll_records {poll_records}", flush=True)
+        if args.io_ms:
+            return _parallel(args, dsn, urls.kafka_bootstrap, topic, poll_records, info, pg_version, settings)
         runs = []
         for n in range(args.rounds):
             for kind in ("bare", "inbox"):
@@ -190,6 +207,37 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nbare kafka-python {bare_rate:,.0f} events/s, inbox {inbox_rate:,.0f} events/s: "
           f"ratio {ratio:.2f} (goal >= {GOAL})\nsaved {path.relative_to(REPO)}")
+    return 0
+
+
+def _parallel(args, dsn, bootstrap, topic, poll_records, info, pg_version, settings) -> int:
+    values = [int(v) for v in args.parallel.split(",")]
+    runs = []
+    for n in range(args.rounds):
+        for parallel in values:
+            rate = inbox(dsn, bootstrap, topic, args.records, poll_records, io_s=args.io_ms / 1000, parallel=parallel)
+            runs.append({"round": n + 1, "parallel_partitions": parallel, "events_per_s": round(rate)})
+            print(f"round {n + 1} parallel_partitions={parallel} {rate:10,.0f} events/s", flush=True)
+    medians = {v: statistics.median(r["events_per_s"] for r in runs if r["parallel_partitions"] == v) for v in values}
+    base = medians[values[0]]
+    result = {
+        "benchmark": "inbox_parallel_partitions",
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **info,
+        "versions": {"kafka-python": version("kafka-python"), "psycopg": version("psycopg"), "postgresql": pg_version,
+                     "kafka_broker": f"Apache Kafka {settings.dev_kafka_version}"},
+        "settings": {"records": args.records, "partitions": PARTITIONS, "handler_io_ms": args.io_ms,
+                     "max_poll_records": poll_records, "parallel_partitions": values,
+                     "max_partition_fetch_bytes_when_parallel": PARALLEL_FETCH_BYTES},
+        "runs": runs,
+        "events_per_s": {str(v): round(m) for v, m in medians.items()},
+        "ratio_to_first": {str(v): round(m / base, 2) for v, m in medians.items()},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"inbox-parallel-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n" + ", ".join(f"parallel_partitions={v}: {m:,.0f} events/s ({m / base:.2f}x)" for v, m in medians.items())
+          + f" with a handler waiting {args.io_ms:g} ms per record\nsaved {path.relative_to(REPO)}")
     return 0
 
 

@@ -9,7 +9,8 @@
 - After each PostgreSQL commit the same offsets are committed to the Kafka group, only so that
   lag tools (kafka-consumer-groups, the dashboard) show the truth.
 - Polling overlaps processing: while a worker thread runs batch N through PostgreSQL, the main
-  thread fetches and decodes batch N+1. At most one batch is in flight and batches run in order.
+  thread fetches and decodes batch N+1. At most one poll's batches are in flight and they run in
+  order; with parallel_partitions > 1 its partitions are split between that many workers.
 - stop() (or SIGTERM via `run_consumer`) lets the batch in flight finish and commit, then leaves
   the group and returns.
 - Losing the database connection (a PostgreSQL restart, a failover, a network cut) does not stop
@@ -67,6 +68,7 @@ class DatabaseLost(Exception):
 
 
 SAME_AS_CONSUMER = object()  # group_id default: the consumer name
+PARALLEL_FETCH_BYTES = 16 * 1024  # per partition fetch with parallel_partitions > 1 (see Runner.__init__)
 DEFAULT_RETENTION_WINDOW_S = Settings.model_fields["inbox_retention_days"].default * horizon.DAY_S
 
 
@@ -77,7 +79,8 @@ class Runner:
                  policy: RetryPolicy = DEFAULT_POLICY, max_poll_records: int = 2000, poll_timeout_s: float = 1.0,
                  replay_check_s: float = 5.0, kafka_config: Mapping | None = None,
                  retention_window_s: float | None = None, allow_short_dedupe_window: bool = False,
-                 metrics_port: int | None = None, metrics_host: str | None = None, lag_interval_s: float = 10.0):
+                 metrics_port: int | None = None, metrics_host: str | None = None, lag_interval_s: float = 10.0,
+                 parallel_partitions: int = 1):
         """consumer    the inbox's name for this logical consumer (also the Kafka group by default)
         topics / pattern / partitions   what to read: a subscription (group-managed) or fixed partitions
         group_id    Kafka consumer group; defaults to the consumer name. None (fixed partitions only):
@@ -96,7 +99,13 @@ class Runner:
                     see metrics_address; None, the default: no server). The metrics themselves are
                     always kept, in runner.metrics.registry (one registry per Runner)
         metrics_host  address to listen on (OUTBOX_METRICS_HOST; 127.0.0.1 by default)
-        lag_interval_s  how often the consumer-lag gauge asks Kafka for the partitions' end offsets"""
+        lag_interval_s  how often the consumer-lag gauge asks Kafka for the partitions' end offsets
+        parallel_partitions  worker threads, each with its own PostgreSQL connection, that process
+                    different partitions of a poll at the same time (OUTBOX_INBOX_PARALLEL_PARTITIONS).
+                    A partition's records always go to one worker in order, each worker's part of a
+                    poll is one transaction, and the next poll waits for all of them: per-partition
+                    order and the one-transaction guarantee hold as with 1 (the default). Pays off
+                    when handlers wait on I/O; the handler must be thread-safe"""
         check_consumer_name(consumer)
         if sum(bool(x) for x in (topics, pattern, partitions)) != 1:
             raise InboxError("give exactly one of topics=[...], pattern='...' or partitions=[(topic, partition)]")
@@ -129,6 +138,14 @@ class Runner:
             # broker's defaults (one partition, its replication factor): the relay creates topics
             # with the partitions and replication they need; the Runner waits for them.
             "allow_auto_create_topics": False,
+            # kafka-python returns one partition's buffered records before the next one's, so with
+            # 1 MiB per partition fetch a backlogged poll covers a single partition and leaves the
+            # other workers idle. Small fetches make a poll span partitions: with a handler waiting
+            # 2 ms a record, 3 workers on 3 partitions reached 1.64x one worker at 64 KiB and 2.75x
+            # at 16 KiB (bench/results/inbox-parallel-*.json). Pausing the partitions a poll
+            # returned and polling again, the other way to get there, stalls kafka-python 3.0's
+            # fetcher after a rebalance.
+            **({"max_partition_fetch_bytes": PARALLEL_FETCH_BYTES} if parallel_partitions > 1 else {}),
             **config,
             "enable_auto_commit": False,
         }
@@ -142,6 +159,9 @@ class Runner:
         self.metrics_port, self.metrics_host = metrics_port, metrics_host or probes.DEFAULT_HOST
         self.metrics_address: tuple[str, int] | None = None  # (host, port) while the server listens
         self.lag_interval_s = lag_interval_s
+        if not 1 <= parallel_partitions <= 64:
+            raise InboxError(f"parallel_partitions must be between 1 and 64, got {parallel_partitions}")
+        self.parallel_partitions = parallel_partitions
         self._control = _Control()
         self._started = False
 
@@ -153,6 +173,7 @@ class Runner:
         kwargs["kafka_config"] = {**settings.kafka_security(), **(kwargs.get("kafka_config") or {})}
         kwargs.setdefault("metrics_port", settings.inbox_metrics_port or None)  # 0: no server
         kwargs.setdefault("metrics_host", settings.metrics_host)
+        kwargs.setdefault("parallel_partitions", settings.inbox_parallel_partitions)
         return cls(consumer, handler, dsn=settings.require_database_url(), bootstrap=settings.kafka_servers, **kwargs)
 
     def stop(self) -> None:
@@ -174,12 +195,12 @@ class Runner:
         metrics.running = True
         metrics.tick()
         try:
-            worker = _Worker(self, self._control)
+            workers = [_Worker(self, self._control, i) for i in range(self.parallel_partitions)]
             try:
                 kc = _no_topic_creation(KafkaConsumer(**self.kafka_config), self.kafka_config)
                 log.info("inbox consumer %s starting: group %s, %s, PostgreSQL %s", self.consumer,
                          self.kafka_config["group_id"], self.pattern or self.topics or self.partitions, self.dsn)
-                loop = _PollLoop(self, kc, worker, self._control)
+                loop = _PollLoop(self, kc, workers, self._control)
                 try:
                     if self.partitions:
                         kc.assign(self.partitions)
@@ -190,7 +211,8 @@ class Runner:
                 finally:
                     kc.close(autocommit=False)
             finally:
-                worker.close()
+                for worker in workers:
+                    worker.close()
         except BaseException as exc:
             metrics.last_error = f"{type(exc).__name__}: {exc}"
             raise
@@ -283,22 +305,23 @@ class _Submitted:
 
 
 class _InFlight:
-    """The one batch the worker may be processing; taken by whoever settles it first (the poll
-    loop's next turn, or a revocation inside poll)."""
+    """The batches of one poll the workers may be processing (one per worker, on disjoint
+    partitions); taken together by whoever settles them first (the poll loop's next turn, or a
+    revocation inside poll)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._batch: _Submitted | None = None
+        self._batches: list[_Submitted] = []
 
-    def put(self, batch: _Submitted) -> None:
+    def put(self, batches: list[_Submitted]) -> None:
         with self._lock:
-            assert self._batch is None, "at most one batch in flight"
-            self._batch = batch
+            assert not self._batches, "one poll in flight at most"
+            self._batches = batches
 
-    def take(self) -> _Submitted | None:
+    def take(self) -> list[_Submitted]:
         with self._lock:
-            batch, self._batch = self._batch, None
-            return batch
+            batches, self._batches = self._batches, []
+            return batches
 
 
 @dataclass
@@ -326,8 +349,9 @@ class _Outage:
 class _PollLoop:
     """The main thread's loop: owns the KafkaConsumer and everything positions depend on."""
 
-    def __init__(self, runner: Runner, kc: KafkaConsumer, worker: "_Worker", control: _Control):
-        self.runner, self.kc, self.worker, self.control = runner, kc, worker, control
+    def __init__(self, runner: Runner, kc: KafkaConsumer, workers: list["_Worker"], control: _Control):
+        self.runner, self.kc, self.workers, self.control = runner, kc, workers, control
+        self.worker = workers[0]  # also reads positions and runs the replay checks
         self.consumer = runner.consumer
         self.totals = runner.totals
         self.in_flight = _InFlight()
@@ -362,31 +386,38 @@ class _PollLoop:
                 for tp, batch in batches:  # dropped: refetched once the database is back
                     self.outage.note(tp, batch[0].offset)
                 continue
-            records = [r for _, batch in batches for r in batch]
             check_replays = self.worker.replay_due()
-            if records or check_replays:
-                # Planning (envelope parsing) runs here, not on the worker: the worker then holds
-                # the GIL only briefly, so this thread's many short hand-offs to kafka-python's IO
-                # thread are not kept waiting behind it.
-                plan = plan_batch(records) if records else None
-                future = self.worker.submit(records, plan, check_replays)
-                self.in_flight.put(_Submitted(future, {tp: batch[0].offset for tp, batch in batches}))
+            submitted = []
+            for worker, group in zip(self.workers, _split(batches, len(self.workers))):
+                records = [r for _, batch in group for r in batch]
+                replays = check_replays and worker is self.worker
+                if records or replays:
+                    # Planning (envelope parsing) runs here, not on the worker: the worker then holds
+                    # the GIL only briefly, so this thread's many short hand-offs to kafka-python's IO
+                    # thread are not kept waiting behind it.
+                    plan = plan_batch(records) if records else None
+                    future = worker.submit(records, plan, replays)
+                    submitted.append(_Submitted(future, {tp: batch[0].offset for tp, batch in group}))
+            if submitted:
+                self.in_flight.put(submitted)
         self._settle()
         self._commit_to_kafka(wait=True)
 
     def _settle(self) -> None:
-        """Wait for the batch in flight; then rewind what it left and copy its offsets to Kafka."""
+        """Wait for the batches in flight; then rewind what they left and copy their offsets to Kafka."""
         self.control.raise_failure()
-        batch = self.in_flight.take()
-        if batch is not None:
+        lost = None
+        for batch in self.in_flight.take():
             try:
                 result = batch.future.result()
             except DatabaseLost as exc:
                 self._database_lost(exc, batch)
-                return
+                lost = exc
+                continue
             self._absorb(result)
+        if lost is None:
             self.metrics.database_ok = True
-        self._commit_to_kafka()
+            self._commit_to_kafka()
 
     def _refresh_lag(self) -> None:
         """End offset minus PostgreSQL's next offset, per assigned partition PostgreSQL has a position
@@ -503,16 +534,17 @@ class _PollLoop:
         for tp in revoked:
             self.positions.pop(tp, None)
         self.metrics.forget_partitions((tp.topic, tp.partition) for tp in revoked)
-        batch = self.in_flight.take()
-        if batch is None:
+        batches = self.in_flight.take()
+        if not batches:
             return
         with self.control.interrupting():  # a record in its backoff stops now; the new owner resumes from PostgreSQL
-            try:
-                self._absorb(batch.future.result(), frozenset(revoked))
-            except DatabaseLost as exc:
-                self._database_lost(exc, batch)
-            except BaseException as exc:  # noqa: BLE001 - re-raised by run() on the main thread
-                self.control.fail(exc)
+            for batch in batches:
+                try:
+                    self._absorb(batch.future.result(), frozenset(revoked))
+                except DatabaseLost as exc:
+                    self._database_lost(exc, batch)
+                except BaseException as exc:  # noqa: BLE001 - re-raised by run() on the main thread
+                    self.control.fail(exc)
 
     def position(self, assigned) -> None:
         """Seek newly assigned partitions to the offsets stored in PostgreSQL."""
@@ -572,10 +604,10 @@ class _Rebalance(ConsumerRebalanceListener):
 class _Worker:
     """The worker thread and the PostgreSQL connection used only on it."""
 
-    def __init__(self, runner: Runner, control: _Control):
+    def __init__(self, runner: Runner, control: _Control, index: int = 0):
         self.runner, self.control = runner, control
         self.consumer = runner.consumer
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inbox-{runner.consumer}")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"inbox-{runner.consumer}-{index}")
         self._conn: psycopg.Connection | None = None
         self._connected_once = False
         self._last_replay_check = 0.0  # written here, read by the poll loop through replay_due()
@@ -657,6 +689,20 @@ class _LosingConnection:
             conn.close()
         self.worker._conn = None
         raise DatabaseLost(str(exc)) from exc
+
+
+def _split(batches: list, n: int) -> list[list]:
+    """Partitions of one poll into at most n groups of about equal record counts, each group in
+    partition order (the lock order of process()); a partition is never split."""
+    if n == 1:
+        return [batches]
+    groups: list[list] = [[] for _ in range(n)]
+    loads = [0] * n
+    for tp, batch in sorted(batches, key=lambda item: -len(item[1])):
+        i = loads.index(min(loads))
+        groups[i].append((tp, batch))
+        loads[i] += len(batch)
+    return [sorted(g, key=_by_partition) for g in groups if g]
 
 
 def _log_commit_failure(offsets, response) -> None:

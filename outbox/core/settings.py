@@ -147,6 +147,7 @@ class Settings(BaseSettings):
     effect_retention_days: float = Field(default=30.0, gt=0)  # settled keys; unknown/in-progress are kept
     # A Runner built by from_settings serves /metrics, /healthz, /readyz here (on metrics_host); 0: off.
     inbox_metrics_port: int = Field(default=0, ge=0, le=65535)
+    inbox_parallel_partitions: int = Field(default=1, ge=1, le=64)
 
     # --- dashboard
     dashboard_port: int = Field(default=8501, ge=1, le=65535)
@@ -394,6 +395,8 @@ SETTING_DOCS: dict[str, str] = {
     "inbox_purge_batch": "rows per DELETE when purging (bounds lock time)",
     "effect_lease_s": "how long an effect attempt holds its lease before another worker may take it",
     "effect_retention_days": "settled effect keys older than this are purged; unknown/in-progress ones are kept",
+    "inbox_parallel_partitions": "worker threads processing different partitions of a poll at once (each its own "
+                                 "PostgreSQL connection and transaction); for handlers that wait on I/O",
     "inbox_metrics_port": "port of a consumer Runner's /metrics, /healthz and /readyz (on OUTBOX_METRICS_HOST); "
                           "0 (default) turns its server off",
     "dashboard_port": "port of `outbox dashboard`",

@@ -3,6 +3,7 @@ Kafka, positions owned by PostgreSQL, dead letters and their replay through the 
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections import Counter
@@ -181,7 +182,8 @@ def test_manual_assignment_seeks_to_stored_offsets(db, kafka, topic_prefix):
     assert sum(ends.values()) == 10
 
 
-def test_rebalance_between_two_instances_hands_partitions_over_without_overlap(db, kafka, topic_prefix):
+@pytest.mark.parametrize("parallel", [1, 2], ids=["one-worker", "parallel-partitions"])
+def test_rebalance_between_two_instances_hands_partitions_over_without_overlap(db, kafka, topic_prefix, parallel):
     """A second instance joins mid-load: the first finishes and commits its batch in flight before
     giving partitions up, the second resumes from PostgreSQL's offsets. Nothing is handed to a
     handler twice (not even a suppressed duplicate), nothing is skipped."""
@@ -199,9 +201,9 @@ def test_rebalance_between_two_instances_hands_partitions_over_without_overlap(d
         apply_deposit(conn, msg)
         time.sleep(0.01)
 
-    first = Background(runner(db, kafka, "shared", topic, slow, max_poll_records=20))
+    first = Background(runner(db, kafka, "shared", topic, slow, max_poll_records=20, parallel_partitions=parallel))
     wait_for(lambda: first.runner.totals.processed >= 60, 30, "the first instance to make progress")
-    second = Background(runner(db, kafka, "shared", topic, slow, max_poll_records=20))
+    second = Background(runner(db, kafka, "shared", topic, slow, max_poll_records=20, parallel_partitions=parallel))
     wait_for(lambda: second.runner.totals.processed > 0, 60, "the second instance to get partitions")
     caught_up(db, "shared", kafka, topic)
     a, b = first.stop(), second.stop()
@@ -263,3 +265,42 @@ def test_runner_survives_a_postgresql_restart_and_resumes_from_the_stored_offset
     finally:
         pg.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_parallel_partitions_run_partitions_at_once_each_in_order_and_each_event_once(db, kafka, topic_prefix):
+    """parallel_partitions=3 over 3 partitions with a handler that waits (I/O): handlers of
+    different partitions overlap, never two of one partition, each partition's records reach the
+    handler in offset order, every event once, and the stored offsets reach the end."""
+    create_business_schema(db)
+    topic = f"{topic_prefix}.deposits"
+    create_topic(kafka, topic, partitions=3)
+    accounts = [f"acc-{i % 9}" for i in range(300)]
+    produce(kafka, topic, [(a.encode(), deposit(a, 1), headers_for(uuid.uuid4(), a)) for a in accounts])
+    lock = threading.Lock()
+    running: Counter = Counter()  # partition -> handlers running now
+    seen: dict[int, list[int]] = {}
+    most_at_once = 0
+    overlaps = []  # partitions that had two handlers at once (an assert in a handler would be retried)
+
+    def waits(conn, msg):
+        nonlocal most_at_once
+        with lock:
+            running[msg.partition] += 1
+            if running[msg.partition] > 1:
+                overlaps.append(msg.partition)
+            most_at_once = max(most_at_once, sum(running.values()))
+            seen.setdefault(msg.partition, []).append(msg.offset)
+        apply_deposit(conn, msg)
+        time.sleep(0.005)
+        with lock:
+            running[msg.partition] -= 1
+
+    bg = Background(runner(db, kafka, "parallel", topic, waits, max_poll_records=50, parallel_partitions=3))
+    caught_up(db, "parallel", kafka, topic)
+    totals = bg.stop()
+    assert totals.processed == 300 and totals.duplicates == 0 and overlaps == []
+    assert {p: offsets == sorted(offsets) and len(offsets) == len(set(offsets)) for p, offsets in seen.items()} \
+        == {0: True, 1: True, 2: True}
+    assert sum(len(o) for o in seen.values()) == 300
+    assert most_at_once >= 2, "the partitions never ran at the same time"
+    assert counts(db, "SELECT count(*), count(DISTINCT event_id), sum(amount) FROM applied") == [(300, 300, 300)]

@@ -1,6 +1,7 @@
 """A consumer process for the crash tests: applies deposits through the inbox Runner.
 
     python -m tests.workers.inbox_worker --topic T --consumer C [--kill-after N] [--handler-sleep-ms X]
+                                         [--parallel N]
 
 The database and broker come from OUTBOX_DATABASE_URL / OUTBOX_KAFKA_BOOTSTRAP (not argv, which
 `ps` shows to everyone). --kill-after N makes the process SIGKILL itself right after the N-th
@@ -15,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 from inbox import RetryPolicy, Runner, run_consumer
@@ -29,24 +31,29 @@ def main() -> int:
     parser.add_argument("--kill-after", type=int, default=0)
     parser.add_argument("--handler-sleep-ms", type=float, default=0)
     parser.add_argument("--poll-records", type=int, default=100)
+    parser.add_argument("--parallel", type=int, default=1, help="Runner(parallel_partitions=N)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     # Warnings too: a worker that never gets records says why (coordinator, fencing, metadata).
     logging.getLogger("kafka").setLevel(logging.WARNING)
     settings = load_settings()
     handled = 0
+    counting = threading.Lock()  # with --parallel the handler runs on several worker threads
 
     def handler(conn, msg):
         nonlocal handled
         apply_deposit(conn, msg)
         if args.handler_sleep_ms:
             time.sleep(args.handler_sleep_ms / 1000)
-        handled += 1
-        if handled == args.kill_after:
+        with counting:
+            handled += 1
+            kill = handled == args.kill_after
+        if kill:
             os.kill(os.getpid(), signal.SIGKILL)
 
     runner = Runner(args.consumer, handler, dsn=settings.require_database_url(), bootstrap=settings.kafka_servers,
                     topics=[args.topic], max_poll_records=args.poll_records, poll_timeout_s=0.2,
+                    parallel_partitions=args.parallel,
                     policy=RetryPolicy(max_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.05),
                     # Static membership: a restarted worker takes its partitions back at once instead
                     # of waiting for the killed member's session to time out.
