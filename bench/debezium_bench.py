@@ -1,6 +1,6 @@
 """Our relay against the real Debezium embedded engine, same run, same rows, same broker.
 
-    python -m bench.debezium_bench [--events 30000] [--latency-seconds 10]
+    python -m bench.debezium_bench [--events 30000] [--latency-seconds 10] [--clients kafka-python,confluent-kafka]
 
 One embedded PostgreSQL 18 + Apache Kafka 4.x dev stack (.outbox/bench-dbz). Both sides read the same
 publication (`outbox_events`) through their own pgoutput slot, created before the rows are written,
@@ -11,8 +11,9 @@ with the PostgreSQL connector (pgoutput, snapshot.mode=no_data) and the Outbox E
 configured for `outbox.events` (topic by aggregate_type, key aggregate_id, payload, event id in the
 `id` header), each batch acknowledged after Kafka acked all of it.
 
-1. backlog, pass 1  N rows written, then our relay starts and runs to the last ack; then Debezium's
-                    first engine in a fresh JVM (cold) does the same
+1. backlog, pass 1  N rows written, then our relay starts and runs to the last ack (once per producer
+                    client, OUTBOX_KAFKA_CLIENT, each with its own slot); then Debezium's first engine
+                    in a fresh JVM (cold) does the same
 2. backlog, pass 2  N more rows, our relay again (new Relay), then a second engine in the same JVM (warm)
 3. latency          commit -> Kafka ack at ~1,000 events/s, p50/p99, Debezium (warm JVM) then our relay
 
@@ -37,7 +38,7 @@ from pathlib import Path
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from bench.relay_bench import PAYLOAD, bench_latency, create_slot, insert_rows, log
+from bench.relay_bench import PAYLOAD, _confluent_version, _has, bench_latency, create_slot, insert_rows, log
 from outbox.core.migrate import migrate
 from outbox.core.settings import load_settings
 from outbox.devstack.jars import ensure_debezium_jars
@@ -64,7 +65,7 @@ def rate(events: int, seconds: float) -> float:
 
 def format_row(name: str, ours: float, theirs: float) -> str:
     r = ratio(ours, theirs)
-    return f"{name:<34} relay {ours:>9,.0f}/s   Debezium {theirs:>9,.0f}/s   ratio {r if r is not None else '-'}x"
+    return f"{name:<44} relay {ours:>9,.0f}/s   Debezium {theirs:>9,.0f}/s   ratio {r if r is not None else '-'}x"
 
 
 def find_javac(java: str) -> str | None:
@@ -186,13 +187,18 @@ def relay_pass(settings, n: int) -> tuple[float, float]:
     return rate(n, done - streaming), rate(n, done - started)
 
 
-def check_records(bootstrap: str, n: int) -> dict:
+def client_tag(client: str) -> str:
+    """'' for the default client (its result keys keep their names), '_confluent_kafka' otherwise."""
+    return "" if client == "kafka-python" else "_" + client.replace("-", "_")
+
+
+def check_records(bootstrap: str, n: int, relay_topics: list[str]) -> dict:
     """Both sides wrote 2n records; Debezium's carry the event id header and the aggregate key."""
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, consumer_timeout_ms=5000)
     counts = {}
-    for topic in ("rel.bench", "dbz.bench"):
+    for topic in relay_topics + ["dbz.bench"]:
         parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
         counts[topic] = sum(consumer.end_offsets(parts).values())
     consumer.assign([TopicPartition("dbz.bench", 0)])
@@ -200,7 +206,7 @@ def check_records(bootstrap: str, n: int) -> dict:
     record = next(iter(consumer))
     consumer.close()
     headers = {k: v.decode() for k, v in record.headers}
-    if counts != {"rel.bench": 2 * n, "dbz.bench": 2 * n} or "id" not in headers or not record.key:
+    if set(counts.values()) != {2 * n} or "id" not in headers or not record.key:
         raise RuntimeError(f"unexpected records: counts {counts}, a Debezium record {record}")
     return {"records_per_topic": counts, "debezium_sample": {"key": record.key.decode(), "headers": headers,
                                                              "value": record.value.decode()[:60]}}
@@ -239,8 +245,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=30_000, help="rows per backlog pass")
     parser.add_argument("--latency-seconds", type=float, default=10)
+    parser.add_argument("--clients", default=None,
+                        help="OUTBOX_KAFKA_CLIENT values for our relay (default: both when confluent-kafka "
+                             "is installed, else kafka-python)")
     args = parser.parse_args()
     n = args.events
+    clients = ([c.strip() for c in args.clients.split(",") if c.strip()] if args.clients
+               else ["kafka-python"] + (["confluent-kafka"] if _has("confluent_kafka") else []))
 
     java = find_java()
     javac = find_javac(java) if java else None
@@ -262,13 +273,17 @@ def main() -> None:
         dsn, bootstrap = urls.database_url, urls.kafka_bootstrap
         migrate(dsn, log=lambda _: None)
         codec = compression(base.compression)
-        for slot in ("b_relay", DBZ_SLOT):
+        for slot in [f"b_relay{client_tag(c)}" for c in clients] + [DBZ_SLOT]:
             create_slot(dsn, slot)
-        for topic in ("rel.bench", "dbz.bench", "dbz.dbzlat", "lat.latency"):
+        for topic in [f"rel{client_tag(c)}.bench" for c in clients] + [
+                f"lat{client_tag(c)}.latency" for c in clients] + ["dbz.bench", "dbz.dbzlat"]:
             ensure_topic({"bootstrap_servers": bootstrap}, topic, 3)
-        settings = load_settings(_env_file=None, database_url=dsn.secret(), kafka_bootstrap=bootstrap,
-                                 slot_name="b_relay", topic_template="rel.{aggregate_type}", metrics_port=0,
-                                 relay_id="bench-b_relay")
+
+        def settings_for(slot: str, template: str, client: str):
+            return load_settings(_env_file=None, database_url=dsn.secret(), kafka_bootstrap=bootstrap, slot_name=slot,
+                                 topic_template=template, metrics_port=0, relay_id=f"bench-{slot}", kafka_client=client)
+
+        settings = settings_for("b_relay", "rel.{aggregate_type}", "kafka-python")
         props = ROOT.absolute() / "debezium.properties"
         props.write_text("".join(f"{k}={v}\n" for k, v in engine_properties(
             dsn, bootstrap, ROOT.absolute() / "offsets.dat", codec, settings.linger_ms).items()))
@@ -277,8 +292,13 @@ def main() -> None:
         for pass_no, label in ((1, "cold"), (2, "warm")):
             log(f"pass {pass_no}: inserting {n} events of ~200 B ...")
             insert_rows(dsn, "bench", n)
-            ours, ours_with_start = relay_pass(settings, n)
-            log(f"  relay: {ours:,.0f} events/s streaming, {ours_with_start:,.0f}/s incl. session start")
+            ours_by_client = {}
+            for client in clients:
+                tag = client_tag(client)
+                ours_by_client[client] = relay_pass(settings_for(f"b_relay{tag}", f"rel{tag}.{{aggregate_type}}",
+                                                                 client), n)
+                log(f"  relay ({client}): {ours_by_client[client][0]:,.0f} events/s streaming, "
+                    f"{ours_by_client[client][1]:,.0f}/s incl. session start")
             if jvm is None:
                 jvm = Jvm(java, classes, libs, props, ROOT.absolute() / "debezium.log")
                 log(f"  Debezium JVM up in {jvm.up_s:.2f} s")
@@ -288,34 +308,38 @@ def main() -> None:
             theirs_streaming = rate(n, doc["seconds"] - doc["engine_start_to_first_record_s"])
             log(f"  Debezium ({label} JVM): {theirs:,.0f} events/s engine start -> last ack "
                 f"(first record after {doc['engine_start_to_first_record_s']} s)")
-            results[f"backlog_{label}"] = {
-                "relay_events_per_s": round(ours), "relay_incl_session_start_events_per_s": round(ours_with_start),
+            r = results[f"backlog_{label}"] = {
                 "debezium_events_per_s": round(theirs), "debezium_seconds": doc["seconds"],
                 "debezium_engine_start_to_first_record_s": doc["engine_start_to_first_record_s"],
-                "debezium_streaming_events_per_s": round(theirs_streaming),
+                "debezium_streaming_events_per_s": round(theirs_streaming)}
+            for client, (ours, ours_with_start) in ours_by_client.items():
+                tag = client_tag(client)
+                r[f"relay{tag}_events_per_s"] = round(ours)
+                r[f"relay{tag}_incl_session_start_events_per_s"] = round(ours_with_start)
                 # like for like: both including their session start, and both only while streaming
-                "ratio_relay_to_debezium": ratio(ours_with_start, theirs),
-                "ratio_relay_to_debezium_streaming_only": ratio(ours, theirs_streaming)}
+                r[f"ratio_relay{tag}_to_debezium"] = ratio(ours_with_start, theirs)
+                r[f"ratio_relay{tag}_to_debezium_streaming_only"] = ratio(ours, theirs_streaming)
             if pass_no == 1:
                 results["backlog_cold"]["debezium_incl_jvm_start_events_per_s"] = round(
                     rate(n, doc["seconds"] + jvm.up_s))
                 results["debezium_engine"] = doc["engine"]
 
-        results["kafka_records"] = check_records(bootstrap, n)
+        results["kafka_records"] = check_records(bootstrap, n, [f"rel{client_tag(c)}.bench" for c in clients])
         log(f"latency at 1k/s for {args.latency_seconds} s: Debezium (warm JVM) ...")
         dbz_lat = debezium_latency(jvm, dsn, 1000, args.latency_seconds)
         results["debezium_jvm_rss_peak_mib"] = jvm.rss_peak_mib()
         jvm.close()
         jvm = None
         log(f"  Debezium: {dbz_lat}")
-        create_slot(dsn, "b_latency")
-        lat_settings = load_settings(_env_file=None, database_url=dsn.secret(), kafka_bootstrap=bootstrap,
-                                     slot_name="b_latency", topic_template="lat.{aggregate_type}", metrics_port=0,
-                                     relay_id="bench-b_latency")
-        ours_lat = bench_latency(lat_settings, dsn, 1000, args.latency_seconds)
-        log(f"  relay: {ours_lat}")
-        results["latency_at_1k_per_s"] = {"relay": ours_lat, "debezium": dbz_lat,
-                                          "ratio_debezium_to_relay_p99": ratio(dbz_lat["p99_ms"], ours_lat["p99_ms"])}
+        results["latency_at_1k_per_s"] = lat = {"debezium": dbz_lat}
+        for client in clients:
+            tag = client_tag(client)
+            create_slot(dsn, f"b_latency{tag}")
+            ours_lat = bench_latency(settings_for(f"b_latency{tag}", f"lat{tag}.{{aggregate_type}}", client), dsn,
+                                     1000, args.latency_seconds)
+            log(f"  relay ({client}): {ours_lat}")
+            lat[f"relay{tag}"] = ours_lat
+            lat[f"ratio_debezium_to_relay{tag}_p99"] = ratio(dbz_lat["p99_ms"], ours_lat["p99_ms"])
 
         import kafka
 
@@ -326,8 +350,8 @@ def main() -> None:
                         "java": subprocess.run([java, "-version"], capture_output=True, text=True).stderr.splitlines()[0]},
             "versions": {"debezium": DEBEZIUM_VERSION, "kafka_python": kafka.__version__,
                          "postgres": stack.postgres().version(), "kafka_broker": base.dev_kafka_version,
-                         "relay_client": settings.kafka_client},
-            "config": {"events_per_pass": n, "payload_bytes": "~200", "compression": codec,
+                         "confluent_kafka": _confluent_version() if "confluent-kafka" in clients else None},
+            "config": {"events_per_pass": n, "clients": clients, "payload_bytes": "~200", "compression": codec,
                        "linger_ms": settings.linger_ms, "debezium_poll_interval_ms": 10,
                        "latency_seconds": args.latency_seconds},
             "results": results,
@@ -338,11 +362,16 @@ def main() -> None:
         print(json.dumps(results, indent=2))
         for label in ("cold", "warm"):
             r = results[f"backlog_{label}"]
-            print(format_row(f"backlog, Debezium {label} JVM", r["relay_incl_session_start_events_per_s"],
-                             r["debezium_events_per_s"]))
-            print(format_row("  streaming only", r["relay_events_per_s"], r["debezium_streaming_events_per_s"]))
-        print(f"latency at 1k/s p50/p99: relay {ours_lat['p50_ms']}/{ours_lat['p99_ms']} ms, "
-              f"Debezium {dbz_lat['p50_ms']}/{dbz_lat['p99_ms']} ms")
+            for client in clients:
+                tag = client_tag(client)
+                print(format_row(f"backlog, {client}, Debezium {label}", r[f"relay{tag}_incl_session_start_events_per_s"],
+                                 r["debezium_events_per_s"]))
+                print(format_row("  streaming only", r[f"relay{tag}_events_per_s"],
+                                 r["debezium_streaming_events_per_s"]))
+        for client in clients:
+            ours_lat = lat[f"relay{client_tag(client)}"]
+            print(f"latency at 1k/s p50/p99: relay ({client}) {ours_lat['p50_ms']}/{ours_lat['p99_ms']} ms, "
+                  f"Debezium {dbz_lat['p50_ms']}/{dbz_lat['p99_ms']} ms")
         log(f"saved {out}")
     finally:
         if jvm is not None:

@@ -1,6 +1,6 @@
 """The Debezium benchmark's pure parts: ratios, rates, the printed row and the engine configuration."""
 
-from bench.debezium_bench import engine_properties, format_row, rate, ratio
+from bench.debezium_bench import client_tag, engine_properties, format_row, rate, ratio
 from outbox.core.redact import Dsn
 
 
@@ -33,3 +33,8 @@ def test_engine_properties_route_our_outbox_columns_and_match_the_relay_producer
     assert props["producer.acks"] == "all" and props["producer.enable.idempotence"] == "true"
     assert props["producer.compression.type"] == "zstd"
     assert engine_properties(Dsn("postgresql://u@h/app"), "b", tmp_path / "o", None, 5)["producer.compression.type"] == "none"
+
+
+def test_client_tag_keeps_the_default_clients_keys_unsuffixed():
+    assert client_tag("kafka-python") == ""
+    assert client_tag("confluent-kafka") == "_confluent_kafka"
