@@ -38,3 +38,14 @@ def test_engine_properties_route_our_outbox_columns_and_match_the_relay_producer
 def test_client_tag_keeps_the_default_clients_keys_unsuffixed():
     assert client_tag("kafka-python") == ""
     assert client_tag("confluent-kafka") == "_confluent_kafka"
+
+
+def test_the_debezium_lock_pins_the_engine_connector_and_a_matching_slf4j_binding_by_sha256():
+    from bench.debezium_bench import DEBEZIUM_VERSION
+    from outbox.devstack.jars import DEBEZIUM_SLF4J, debezium_lockfile, parse_lock
+
+    jars = {(j.group, j.artifact): j for j in parse_lock(debezium_lockfile(DEBEZIUM_VERSION))}
+    assert jars[("io.debezium", "debezium-embedded")].version == DEBEZIUM_VERSION
+    assert jars[("io.debezium", "debezium-connector-postgres")].version == DEBEZIUM_VERSION
+    assert jars[("org.slf4j", "slf4j-api")].version == jars[("org.slf4j", "slf4j-simple")].version == DEBEZIUM_SLF4J
+    assert all(len(j.sha256) == 64 and j.size > 0 for j in jars.values())
