@@ -15,6 +15,7 @@ demo: install  ## everything at once for a first look
 bench: install  ## benchmarks; results land in bench/results/
 	$(BIN)/python -m bench.relay_bench
 	$(BIN)/python -m bench.inbox_bench
+	$(BIN)/python -m bench.debezium_bench  # skips with a message when Java 17+ / javac are missing
 
 chaos: install  ## break everything under load and count (30 faults); result in bench/results/
 	$(BIN)/python -m bench.chaos --faults 30 --save

@@ -1,9 +1,11 @@
-"""Fetch the Apache Kafka broker's jars from Maven Central into a user cache, verified by SHA-256.
+"""Fetch pinned jars from Maven Central into a user cache, verified by SHA-256.
 
-The exact set of jars is pinned in `kafka-<version>.lock` next to this file, so running the broker
-needs Java and the network once, not Maven. To pin a new Kafka version (needs Maven):
+The exact set of jars is pinned in a lock file next to this file (`kafka-<version>.lock` for the
+broker, `debezium-<version>.lock` for the Debezium benchmark), so running them needs Java and the
+network once, not Maven. To pin a new version (needs Maven):
 
     python -m outbox.devstack.jars --relock 4.1.1
+    python -m outbox.devstack.jars --relock-debezium 3.6.1.Final
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ def read_lock(version: str) -> list[Jar]:
             f"Fix: set OUTBOX_DEV_KAFKA_VERSION to one of those, or pin it with "
             f"`python -m outbox.devstack.jars --relock {version}`."
         )
+    return parse_lock(path)
+
+
+def parse_lock(path: Path) -> list[Jar]:
+    """`group:artifact:version sha256 size` per line; `#` starts a comment line."""
     jars = []
     for line in path.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
@@ -73,14 +80,18 @@ def default_cache_dir() -> Path:
 
 def ensure_jars(version: str, cache_dir: Path | None, repo: str = DEFAULT_REPO) -> Path:
     """Return a directory holding every jar of the pinned broker, downloading what is missing."""
-    jars = read_lock(version)
     libs = (cache_dir or default_cache_dir()) / f"kafka-{version}" / "libs"
+    return fetch_locked(read_lock(version), libs, f"Apache Kafka {version}", repo)
+
+
+def fetch_locked(jars: list[Jar], libs: Path, label: str, repo: str = DEFAULT_REPO) -> Path:
+    """Download into `libs` every jar of `jars` that is missing or does not match its SHA-256."""
     libs.mkdir(parents=True, exist_ok=True)
     missing = [j for j in jars if not _valid(libs / j.filename, j)]
     if not missing:
         return libs
     total = sum(j.size for j in missing)
-    progress(f"Downloading Apache Kafka {version}: {len(missing)} jars, {total / 2**20:.1f} MiB "
+    progress(f"Downloading {label}: {len(missing)} jars, {total / 2**20:.1f} MiB "
              f"from {repo} into {libs}")
     started, done_bytes, done = time.monotonic(), 0, 0
     with ThreadPoolExecutor(max_workers=6) as pool:
@@ -133,11 +144,45 @@ def _download(jar: Jar, libs: Path, repo: str, attempts: int = 4) -> None:
 
 def relock(version: str) -> Path:
     """Resolve kafka_2.13:<version>'s runtime closure with Maven and write the lock file."""
+    deps = [("org.apache.kafka", "kafka_2.13", version), ("org.apache.logging.log4j", "log4j-slf4j-impl", "2.24.3")]
+    header = (f"# Apache Kafka {version} broker runtime (kafka_2.13 + log4j-slf4j-impl), pinned by SHA-256.\n"
+              f"# Regenerate with: python -m outbox.devstack.jars --relock {version}\n")
+    return write_lock(lockfile(version), deps, header)
+
+
+DEBEZIUM_SLF4J = "1.7.36"  # the slf4j-api version Debezium's closure resolves to; the binding must match
+
+
+def debezium_lockfile(version: str) -> Path:
+    return LOCK_DIR / f"debezium-{version}.lock"
+
+
+def relock_debezium(version: str) -> Path:
+    """Pin Debezium's embedded engine + PostgreSQL connector runtime closure (with a quiet slf4j binding)."""
+    deps = [("io.debezium", "debezium-embedded", version), ("io.debezium", "debezium-connector-postgres", version),
+            ("org.slf4j", "slf4j-simple", DEBEZIUM_SLF4J)]
+    header = (f"# Debezium {version} embedded engine + PostgreSQL connector runtime, pinned by SHA-256.\n"
+              f"# Used by bench/debezium_bench.py only. Regenerate with:\n"
+              f"#   python -m outbox.devstack.jars --relock-debezium {version}\n")
+    return write_lock(debezium_lockfile(version), deps, header)
+
+
+def ensure_debezium_jars(version: str, cache_dir: Path | None = None, repo: str = DEFAULT_REPO) -> Path:
+    path = debezium_lockfile(version)
+    if not path.exists():
+        raise StackError(f"Debezium {version} is not pinned (no {path.name}). "
+                         f"Fix: `python -m outbox.devstack.jars --relock-debezium {version}`.")
+    libs = (cache_dir or default_cache_dir()) / f"debezium-{version}" / "libs"
+    return fetch_locked(parse_lock(path), libs, f"Debezium {version}", repo)
+
+
+def write_lock(out: Path, deps: list[tuple[str, str, str]], header: str) -> Path:
+    """Resolve the runtime closure of `deps` (group, artifact, version) with Maven; write `out`."""
+    dependencies = "".join(f"<dependency><groupId>{g}</groupId><artifactId>{a}</artifactId><version>{v}</version>"
+                           f"</dependency>\n" for g, a, v in deps)
     pom = f"""<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.0</modelVersion>
-<groupId>local</groupId><artifactId>kafka-lock</artifactId><version>1</version><dependencies>
-<dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>{version}</version></dependency>
-<dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId><version>2.24.3</version></dependency>
-</dependencies></project>"""
+<groupId>local</groupId><artifactId>jar-lock</artifactId><version>1</version><dependencies>
+{dependencies}</dependencies></project>"""
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "pom.xml").write_text(pom)
         subprocess.run(["mvn", "-q", "-B", "dependency:list", "-DincludeScope=runtime", "-DoutputFile=deps.txt",
@@ -148,14 +193,15 @@ def relock(version: str) -> Path:
             if len(parts) >= 6 and parts[2] == "jar":
                 path = Path(":".join(parts[5:]))
                 rows.append(f"{parts[0]}:{parts[1]}:{parts[3]} {_sha256(path)} {path.stat().st_size}")
-    out = lockfile(version)
-    out.write_text(f"# Apache Kafka {version} broker runtime (kafka_2.13 + log4j-slf4j-impl), pinned by SHA-256.\n"
-                   f"# Regenerate with: python -m outbox.devstack.jars --relock {version}\n" + "\n".join(sorted(rows)) + "\n")
+    out.write_text(header + "\n".join(sorted(rows)) + "\n")
     return out
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--relock", metavar="VERSION", required=True, help="Kafka version to resolve and pin")
-    print(relock(parser.parse_args().relock))
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--relock", metavar="VERSION", help="Kafka version to resolve and pin")
+    group.add_argument("--relock-debezium", metavar="VERSION", help="Debezium version to resolve and pin")
+    args = parser.parse_args()
+    print(relock(args.relock) if args.relock else relock_debezium(args.relock_debezium))
     sys.exit(0)
