@@ -38,13 +38,21 @@ from pathlib import Path
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from bench.relay_bench import PAYLOAD, _confluent_version, _has, bench_latency, create_slot, insert_rows, log
+from bench.relay_bench import (
+    PAYLOAD,
+    _confluent_version,
+    _has,
+    bench_latency,
+    create_slot,
+    insert_rows,
+    log,
+    run_relay_for,
+)
 from outbox.core.migrate import migrate
 from outbox.core.settings import load_settings
 from outbox.devstack.jars import ensure_debezium_jars
 from outbox.devstack.kafka import find_java
 from outbox.devstack.stack import DevStack
-from relay.daemon import Relay
 from relay.publisher import compression, ensure_topic
 
 DEBEZIUM_VERSION = "3.6.1.Final"
@@ -172,19 +180,8 @@ class Jvm:
 
 def relay_pass(settings, n: int) -> tuple[float, float]:
     """(events/s while streaming, events/s from Relay start) for the next n events of the slot."""
-    relay = Relay(settings)
-    thread = threading.Thread(target=relay.run, daemon=True)
-    started = time.perf_counter()
-    thread.start()
-    while relay.metrics.active._value.get() < 1:
-        time.sleep(0.0005)
-    streaming = time.perf_counter()
-    while relay.metrics.published._value.get() < n:
-        time.sleep(0.005)
-    done = time.perf_counter()
-    relay.request_stop()
-    thread.join(60)
-    return rate(n, done - streaming), rate(n, done - started)
+    streaming_s, total_s = run_relay_for(settings, n)
+    return rate(n, streaming_s), rate(n, total_s)
 
 
 def client_tag(client: str) -> str:

@@ -163,9 +163,9 @@ def published(dsn, slot: str) -> int:
         return row[0] if row else 0
 
 
-def bench_relay(settings, dsn, n: int) -> tuple[float, float]:
-    """(events/s while streaming, events/s including the session start: connections, producer, slot checks).
-    Completion is counted when the ledger recorded the last batch, i.e. after Kafka acknowledged it."""
+def run_relay_for(settings, n: int) -> tuple[float, float]:
+    """Seconds until a Relay published the next n events of its slot: (while streaming, from its
+    start: connections, producer, slot checks). Published = Kafka acknowledged them."""
     relay = Relay(settings)
     thread = threading.Thread(target=relay.run, daemon=True)
     started = time.perf_counter()
@@ -178,8 +178,15 @@ def bench_relay(settings, dsn, n: int) -> tuple[float, float]:
     done = time.perf_counter()
     relay.request_stop()
     thread.join(60)
+    return done - streaming, done - started
+
+
+def bench_relay(settings, dsn, n: int) -> tuple[float, float]:
+    """(events/s while streaming, events/s including the session start). Completion is counted when
+    the ledger recorded the last batch, i.e. after Kafka acknowledged it."""
+    streaming_s, total_s = run_relay_for(settings, n)
     assert published(dsn, settings.slot_name) == n
-    return n / (done - streaming), n / (done - started)
+    return n / streaming_s, n / total_s
 
 
 def bench_latency(settings, dsn, rate: int, seconds: float) -> dict:
