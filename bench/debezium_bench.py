@@ -39,11 +39,11 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from bench.relay_bench import (
-    PAYLOAD,
     _confluent_version,
     _has,
     bench_latency,
     create_slot,
+    emit_steadily,
     insert_rows,
     log,
     run_relay_for,
@@ -225,14 +225,7 @@ def debezium_latency(jvm: Jvm, dsn, per_s: int, seconds: float) -> dict:
             if line == "EOF" or time.monotonic() > deadline:
                 raise RuntimeError(f"Debezium latency pass never started (see {jvm.log.name})")
         time.sleep(1)
-        interval, next_at = 1.0 / per_s, time.perf_counter()
-        for i in range(n):
-            conn.execute("SELECT outbox.emit('dbzlat', %s, 'Tick', jsonb_build_object('pad', repeat('x', %s)))",
-                         (str(i % 100), PAYLOAD))
-            next_at += interval
-            delay = next_at - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
+        emit_steadily(conn, "dbzlat", per_s, n)
     doc = jvm.result(120)
     return {"events": doc["latency_events"], "rate_per_s": per_s, "p50_ms": doc["p50_ms"], "p90_ms": doc["p90_ms"],
             "p99_ms": doc["p99_ms"], "max_ms": doc["max_ms"]}

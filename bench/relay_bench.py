@@ -189,6 +189,18 @@ def bench_relay(settings, dsn, n: int) -> tuple[float, float]:
     return n / streaming_s, n / total_s
 
 
+def emit_steadily(conn, aggregate_type: str, per_s: float, n: int) -> None:
+    """n events of ~PAYLOAD bytes, one transaction each, at a steady per_s."""
+    interval, next_at = 1.0 / per_s, time.perf_counter()
+    for i in range(n):
+        conn.execute("SELECT outbox.emit(%s, %s, 'Tick', jsonb_build_object('pad', repeat('x', %s)))",
+                     (aggregate_type, str(i % 100), PAYLOAD))
+        next_at += interval
+        delay = next_at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+
+
 def bench_latency(settings, dsn, rate: int, seconds: float) -> dict:
     """Commit -> Kafka ack per event, the commit time being the server's commit timestamp."""
     latencies: list[float] = []
@@ -214,15 +226,7 @@ def bench_latency(settings, dsn, rate: int, seconds: float) -> dict:
             conn.execute("SELECT outbox.emit('latency', 'warm', 'Warm', '{}')")
             time.sleep(1)
             latencies.clear()
-            interval = 1.0 / rate
-            next_at = time.perf_counter()
-            for i in range(int(rate * seconds)):
-                conn.execute("SELECT outbox.emit('latency', %s, 'Tick', jsonb_build_object('pad', repeat('x', %s)))",
-                             (str(i % 100), PAYLOAD))
-                next_at += interval
-                delay = next_at - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
+            emit_steadily(conn, "latency", rate, int(rate * seconds))
         time.sleep(2)
     finally:
         relay.request_stop()
