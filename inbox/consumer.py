@@ -138,6 +138,10 @@ class Runner:
             # broker's defaults (one partition, its replication factor): the relay creates topics
             # with the partitions and replication they need; the Runner waits for them.
             "allow_auto_create_topics": False,
+            # A topic created moments before the group forms can be missing from the first metadata
+            # the group leader assigns from: kafka-python then assigns nothing and, with the default
+            # 5 minutes, would not look again for that long. 10 s bounds it for one small request.
+            "metadata_max_age_ms": 10_000,
             # kafka-python returns one partition's buffered records before the next one's, so with
             # 1 MiB per partition fetch a backlogged poll covers a single partition and leaves the
             # other workers idle. Small fetches make a poll span partitions: with a handler waiting
