@@ -34,7 +34,7 @@ REDELIVERIES = 150
 
 def worker(db, kafka, topic, *extra, parallel: int = 1) -> WorkerProcess:
     env = {"OUTBOX_DATABASE_URL": db.secret(), "OUTBOX_KAFKA_BOOTSTRAP": kafka}
-    extra = (*extra, "--parallel", str(parallel)) if parallel > 1 else extra
+    extra = (*extra, "--parallel", str(parallel), "--typed") if parallel > 1 else extra
     return WorkerProcess("tests.workers.inbox_worker", "--topic", topic, "--consumer", "bank", "--handler-sleep-ms", "1",
                          *extra, env=env, name=f"inbox worker {' '.join(extra)}".strip())
 
@@ -62,8 +62,10 @@ def assert_consistent(db):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("parallel", [1, 3], ids=["one-worker", "parallel-partitions"])
+@pytest.mark.parametrize("parallel", [1, 3], ids=["one-worker", "parallel-partitions-typed-handlers"])
 def test_kill_9_at_random_points_never_applies_an_event_twice_or_skips_one(db, kafka, topic_prefix, parallel):
+    """With parallel_partitions=3 the worker also dispatches through Handlers (a pydantic model per
+    event type): neither may change what a crash can leave behind."""
     seed = int(os.environ.get("OUTBOX_TEST_SEED", random.randrange(1 << 30)))
     print(f"OUTBOX_TEST_SEED={seed}")
     rng = random.Random(seed)

@@ -12,8 +12,9 @@ import psycopg
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
+from pydantic import BaseModel
 
-from inbox import RetryPolicy, Runner
+from inbox import Handlers, RetryPolicy, Runner
 from outbox.cli import main as outbox_main
 from tests.support.helpers import wait_for
 from tests.support.inbox import (
@@ -29,6 +30,11 @@ from tests.support.inbox import (
 )
 
 FAST = RetryPolicy(max_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.02, jitter=0)
+
+
+class Deposited(BaseModel):
+    account: str
+    amount: int
 
 
 def runner(db, kafka, consumer, topic, handler, **kw):
@@ -182,7 +188,7 @@ def test_manual_assignment_seeks_to_stored_offsets(db, kafka, topic_prefix):
     assert sum(ends.values()) == 10
 
 
-@pytest.mark.parametrize("parallel", [1, 2], ids=["one-worker", "parallel-partitions"])
+@pytest.mark.parametrize("parallel", [1, 2], ids=["one-worker", "parallel-partitions-typed-handlers"])
 def test_rebalance_between_two_instances_hands_partitions_over_without_overlap(db, kafka, topic_prefix, parallel):
     """A second instance joins mid-load: the first finishes and commits its batch in flight before
     giving partitions up, the second resumes from PostgreSQL's offsets. Nothing is handed to a
@@ -201,9 +207,13 @@ def test_rebalance_between_two_instances_hands_partitions_over_without_overlap(d
         apply_deposit(conn, msg)
         time.sleep(0.01)
 
-    first = Background(runner(db, kafka, "shared", topic, slow, max_poll_records=20, parallel_partitions=parallel))
+    handle = slow
+    if parallel > 1:  # and dispatch by event type, the payload validated first
+        handle = Handlers()
+        handle.on("Deposited", Deposited)(lambda conn, msg, deposited: slow(conn, msg))
+    first = Background(runner(db, kafka, "shared", topic, handle, max_poll_records=20, parallel_partitions=parallel))
     wait_for(lambda: first.runner.totals.processed >= 60, 30, "the first instance to make progress")
-    second = Background(runner(db, kafka, "shared", topic, slow, max_poll_records=20, parallel_partitions=parallel))
+    second = Background(runner(db, kafka, "shared", topic, handle, max_poll_records=20, parallel_partitions=parallel))
     wait_for(lambda: second.runner.totals.processed > 0, 60, "the second instance to get partitions")
     caught_up(db, "shared", kafka, topic)
     a, b = first.stop(), second.stop()

@@ -1,7 +1,7 @@
 """A consumer process for the crash tests: applies deposits through the inbox Runner.
 
     python -m tests.workers.inbox_worker --topic T --consumer C [--kill-after N] [--handler-sleep-ms X]
-                                         [--parallel N]
+                                         [--parallel N] [--typed]
 
 The database and broker come from OUTBOX_DATABASE_URL / OUTBOX_KAFKA_BOOTSTRAP (not argv, which
 `ps` shows to everyone). --kill-after N makes the process SIGKILL itself right after the N-th
@@ -19,9 +19,16 @@ import sys
 import threading
 import time
 
-from inbox import RetryPolicy, Runner, run_consumer
+from pydantic import BaseModel
+
+from inbox import Handlers, RetryPolicy, Runner, run_consumer
 from outbox.core.settings import load_settings
 from tests.support.inbox import apply_deposit
+
+
+class Deposited(BaseModel):
+    account: str
+    amount: int
 
 
 def main() -> int:
@@ -32,6 +39,8 @@ def main() -> int:
     parser.add_argument("--handler-sleep-ms", type=float, default=0)
     parser.add_argument("--poll-records", type=int, default=100)
     parser.add_argument("--parallel", type=int, default=1, help="Runner(parallel_partitions=N)")
+    parser.add_argument("--typed", action="store_true",
+                        help="dispatch through Handlers with a pydantic model per event type")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     # Warnings too: a worker that never gets records says why (coordinator, fencing, metadata).
@@ -51,7 +60,13 @@ def main() -> int:
         if kill:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    runner = Runner(args.consumer, handler, dsn=settings.require_database_url(), bootstrap=settings.kafka_servers,
+    if args.typed:
+        handlers = Handlers(unknown="dead-letter")
+        handlers.on("Deposited", Deposited)(lambda conn, msg, deposited: handler(conn, msg))
+        handle = handlers
+    else:
+        handle = handler
+    runner = Runner(args.consumer, handle, dsn=settings.require_database_url(), bootstrap=settings.kafka_servers,
                     topics=[args.topic], max_poll_records=args.poll_records, poll_timeout_s=0.2,
                     parallel_partitions=args.parallel,
                     policy=RetryPolicy(max_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.05),
