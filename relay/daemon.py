@@ -387,7 +387,8 @@ class Relay:
         control.execute("UPDATE outbox.relay_status SET slot_creating = true WHERE slot_name = %s", (s.slot_name,))
         repl = psycopg.connect(self.dsn.secret(), replication="database", autocommit=True, connect_timeout=10,
                                client_encoding="utf8")
-        watcher = threading.Thread(target=self._report_slot_wait, args=(repl,), daemon=True)
+        created = threading.Event()
+        watcher = threading.Thread(target=self._report_slot_wait, args=(repl, created), daemon=True)
         watcher.start()
         try:
             if self._failover(control):
@@ -398,6 +399,8 @@ class Relay:
             else:
                 command = f"CREATE_REPLICATION_SLOT {quote_ident(s.slot_name)} LOGICAL pgoutput EXPORT_SNAPSHOT"
             row = repl.execute(command).fetchone()
+            # From here on the open transaction is our own backfill listing, not one the slot waits for.
+            created.set()
             with psycopg.connect(self.dsn.secret(), connect_timeout=10, client_encoding="utf8") as tx:
                 tx.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
                 tx.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(row[2])))
@@ -417,13 +420,16 @@ class Relay:
                  row[1], listed)
         return snapshot
 
-    def _report_slot_wait(self, repl: psycopg.Connection) -> None:
+    def _report_slot_wait(self, repl: psycopg.Connection, created: threading.Event) -> None:
         """A new slot is consistent only once every transaction open at its creation has ended:
         say which ones we wait for, and give up on a stop request."""
         waited = 0.0
-        while not repl.closed:
+        while not repl.closed and not created.is_set():
             if self.stop.wait(0.5):
-                repl.cancel_safe()
+                if not created.is_set():
+                    repl.cancel_safe()
+                return
+            if created.is_set():
                 return
             waited += 0.5
             if waited % 10 == 0:
