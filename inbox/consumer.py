@@ -210,6 +210,14 @@ class Runner:
                         kc.assign(self.partitions)
                         loop.position(self.partitions)
                     else:
+                        for topic in self.topics:
+                            # Known to this consumer's metadata before it joins: as the group leader
+                            # it would otherwise assign a topic created moments ago to nobody, and
+                            # kafka-python may take long to notice and rejoin.
+                            try:
+                                kc.partitions_for_topic(topic)
+                            except Exception as exc:  # noqa: BLE001 - Kafka down: subscribe waits for it
+                                log.debug("consumer %s: no metadata for %s yet: %s", self.consumer, topic, exc)
                         kc.subscribe(topics=self.topics or (), pattern=self.pattern, listener=_Rebalance(self, loop))
                     loop.run()
                 finally:
@@ -241,7 +249,7 @@ class Runner:
         log.info("consumer %s serves /metrics, /healthz and /readyz on %s:%d", self.consumer, *self.metrics_address)
         return server
 
-    def _check_dedupe_window(self, topics) -> None:
+    def _check_dedupe_window(self, topics, assigned: bool = False) -> None:
         """See inbox/horizon.py. Each topic once per run; a pattern's topics, and topics that did not
         exist yet at start, as they get assigned."""
         topics = set(topics) - self._checked_topics
@@ -249,10 +257,17 @@ class Runner:
             return
         admin_config = {k: v for k, v in self.kafka_config.items() if k in KafkaAdminClient.DEFAULT_CONFIG}
         admin_config["client_id"] = f"inbox-{self.consumer}-admin"
-        try:
-            horizons = horizon.topic_horizons(admin_config, topics)
-        except Exception as exc:  # noqa: BLE001 - judged like a topic whose config is unreadable
-            horizons = {t: f"its configuration could not be read ({redact(str(exc))})" for t in topics}
+        for attempt in range(10 if assigned else 1):
+            try:
+                horizons = horizon.topic_horizons(admin_config, topics)
+            except Exception as exc:  # noqa: BLE001 - judged like a topic whose config is unreadable
+                horizons = {t: f"its configuration could not be read ({redact(str(exc))})" for t in topics}
+            if not assigned or horizon.MISSING not in horizons.values():
+                break
+            time.sleep(0.5)  # assigned, so it exists: the broker's metadata has not caught up yet
+        else:
+            horizons = {t: "it is assigned but its configuration could not be read" if h is horizon.MISSING else h
+                        for t, h in horizons.items()}
         self._checked_topics |= horizon.check_window(self.consumer, self.retention_window_s, horizons,
                                                      allow_short=self.allow_short_dedupe_window)
 
@@ -598,7 +613,7 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned):
         if {tp.topic for tp in assigned} - self.runner._checked_topics:  # a pattern's, or created since start
             try:
-                self.runner._check_dedupe_window({tp.topic for tp in assigned})
+                self.runner._check_dedupe_window({tp.topic for tp in assigned}, assigned=True)
             except InboxError as exc:
                 self.loop.refuse(assigned, exc)  # raised by run(); the partitions stay paused meanwhile
                 return

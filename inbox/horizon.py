@@ -37,23 +37,27 @@ def topic_horizons(admin_config: Mapping, topics: Iterable[str]) -> dict[str, fl
     topics = sorted(set(topics))
     admin = KafkaAdminClient(**admin_config)
     try:
-        existing = set(admin.list_topics())
-        out: dict[str, float | str | None] = {t: MISSING for t in topics if t not in existing}
-        topics = [t for t in topics if t in existing]
         # "all": a topic without its own retention.ms inherits the broker's, which "modified" omits.
         described = admin.describe_configs(
             [ConfigResource(ConfigResourceType.TOPIC, t, ["retention.ms", "cleanup.policy"]) for t in topics],
-            config_filter="all").get("topic", {}) if topics else {}
+            config_filter="all").get("topic", {})
+        unread = [t for t in topics if ((described.get(t) or {}).get("retention.ms") or {}).get("value") is None]
+        # Asked only now: a topic created a moment ago can be missing from the broker's metadata
+        # for a while although its configuration is already there.
+        existing = set(admin.list_topics()) if unread else set()
     finally:
         admin.close()
+    out: dict[str, float | str | None] = {}
     for topic in topics:
         configs = described.get(topic) or {}
         retention = (configs.get("retention.ms") or {}).get("value")
         policy = (configs.get("cleanup.policy") or {}).get("value") or "delete"
-        if retention is None:
-            # kafka-python reports a per-topic error (missing topic, no DESCRIBE_CONFIGS) as no configs.
-            out[topic] = "its configuration could not be read (does the topic exist? the consumer's principal " \
-                         "needs DESCRIBE_CONFIGS on it)"
+        if retention is None and topic not in existing:
+            out[topic] = MISSING
+        elif retention is None:
+            # kafka-python reports a per-topic error (no DESCRIBE_CONFIGS, ...) as no configs.
+            out[topic] = "its configuration could not be read (the consumer's principal needs DESCRIBE_CONFIGS " \
+                         "on it)"
         elif "delete" not in policy.split(","):
             out[topic] = math.inf  # compacted only: the latest record of every key is kept forever
         else:

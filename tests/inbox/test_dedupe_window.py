@@ -40,8 +40,11 @@ def test_runner_refuses_to_start_when_the_inbox_window_is_shorter_than_the_topic
     # Long enough: it starts and consumes.
     produce(kafka, topic, [(b"acc-1", deposit("acc-1", 1), headers_for(uuid.uuid4()))])
     bg = Background(runner(db, kafka, topic, retention_window_s=6 * 86_400))
-    caught_up(db, "windowed", kafka, topic)
-    assert bg.stop().processed == 1
+    try:
+        caught_up(db, "windowed", kafka, topic)
+    finally:
+        totals = bg.stop()  # a runner left behind would join the next test's consumer group
+    assert totals.processed == 1
 
 
 def test_short_dedupe_window_starts_with_a_loud_warning_when_explicitly_allowed(db, kafka, topic_prefix, caplog):
@@ -94,7 +97,8 @@ def test_runner_started_before_its_topic_exists_checks_the_window_once_the_relay
     short, fine = f"{topic_prefix}.later-short", f"{topic_prefix}.later-fine"
     refused = Background(Runner("windowed-short", lambda conn, msg: None, dsn=db, bootstrap=kafka, topics=[short],
                                 poll_timeout_s=0.2, retention_window_s=86_400))
-    accepted = Background(runner(db, kafka, fine, retention_window_s=6 * 86_400))
+    accepted = Background(Runner("windowed-fine", lambda conn, msg: None, dsn=db, bootstrap=kafka, topics=[fine],
+                                 poll_timeout_s=0.2, retention_window_s=6 * 86_400))
     time.sleep(3)  # both subscribed to topics nobody created
     admin = KafkaAdminClient(bootstrap_servers=kafka)
     try:
@@ -109,5 +113,5 @@ def test_runner_started_before_its_topic_exists_checks_the_window_once_the_relay
     refused.thread.join(120)
     assert not refused.thread.is_alive(), "the runner kept running on a topic its window does not cover"
     assert len(refused.error) == 1 and f"topic {short} keeps records for 3 days" in str(refused.error[0])
-    caught_up(db, "windowed", kafka, fine, timeout=120)
+    caught_up(db, "windowed-fine", kafka, fine, timeout=120)
     assert accepted.stop().processed == 1
