@@ -41,17 +41,17 @@ def topic_horizons(admin_config: Mapping, topics: Iterable[str]) -> dict[str, fl
         described = admin.describe_configs(
             [ConfigResource(ConfigResourceType.TOPIC, t, ["retention.ms", "cleanup.policy"]) for t in topics],
             config_filter="all").get("topic", {})
-        unread = [t for t in topics if ((described.get(t) or {}).get("retention.ms") or {}).get("value") is None]
+        configs = {t: described.get(t) or {} for t in topics}
+        retentions = {t: (c.get("retention.ms") or {}).get("value") for t, c in configs.items()}
         # Asked only now: a topic created a moment ago can be missing from the broker's metadata
         # for a while although its configuration is already there.
-        existing = set(admin.list_topics()) if unread else set()
+        existing = set(admin.list_topics()) if None in retentions.values() else set()
     finally:
         admin.close()
     out: dict[str, float | str | None] = {}
     for topic in topics:
-        configs = described.get(topic) or {}
-        retention = (configs.get("retention.ms") or {}).get("value")
-        policy = (configs.get("cleanup.policy") or {}).get("value") or "delete"
+        retention = retentions[topic]
+        policy = (configs[topic].get("cleanup.policy") or {}).get("value") or "delete"
         if retention is None and topic not in existing:
             out[topic] = MISSING
         elif retention is None:
