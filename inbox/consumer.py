@@ -58,6 +58,11 @@ log = logging.getLogger("inbox")
 
 DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
 KAFKA_COMMIT_INTERVAL_S = 1.0
+# kafka-python 3.0 has had fetch stalls: an assigned partition with records waiting that poll()
+# never returns again (dpkp/kafka-python#3106, #3131; one hit our CI). A partition behind its end
+# offset that returned nothing for this long is sought to its own position, which restarts its
+# fetch state; the seek is harmless when nothing was wrong.
+FETCH_STALL_S = 30.0
 LAG_TIMEOUT_MS = 2_000  # one end-offsets request for the lag gauge; skipped (logged at debug) past it
 RECONNECT_BACKOFF_S = (0.5, 10.0)  # first wait, cap; doubling while PostgreSQL stays unreachable
 _by_partition = operator.itemgetter(0)
@@ -80,7 +85,7 @@ class Runner:
                  replay_check_s: float = 5.0, kafka_config: Mapping | None = None,
                  retention_window_s: float | None = None, allow_short_dedupe_window: bool = False,
                  metrics_port: int | None = None, metrics_host: str | None = None, lag_interval_s: float = 10.0,
-                 parallel_partitions: int = 1):
+                 parallel_partitions: int = 1, fetch_stall_s: float = FETCH_STALL_S):
         """consumer    the inbox's name for this logical consumer (also the Kafka group by default)
         topics / pattern / partitions   what to read: a subscription (group-managed) or fixed partitions
         group_id    Kafka consumer group; defaults to the consumer name. None (fixed partitions only):
@@ -105,7 +110,10 @@ class Runner:
                     A partition's records always go to one worker in order, each worker's part of a
                     poll is one transaction, and the next poll waits for all of them: per-partition
                     order and the one-transaction guarantee hold as with 1 (the default). Pays off
-                    when handlers wait on I/O; the handler must be thread-safe"""
+                    when handlers wait on I/O; the handler must be thread-safe
+        fetch_stall_s  a partition with records waiting that returned none for this long (checked
+                    every lag_interval_s) is sought to its position again, with a warning: a guard
+                    against fetch stalls in kafka-python 3.0"""
         check_consumer_name(consumer)
         if sum(bool(x) for x in (topics, pattern, partitions)) != 1:
             raise InboxError("give exactly one of topics=[...], pattern='...' or partitions=[(topic, partition)]")
@@ -163,6 +171,9 @@ class Runner:
         self.metrics_port, self.metrics_host = metrics_port, metrics_host or probes.DEFAULT_HOST
         self.metrics_address: tuple[str, int] | None = None  # (host, port) while the server listens
         self.lag_interval_s = lag_interval_s
+        if not fetch_stall_s > 0:
+            raise InboxError(f"fetch_stall_s must be positive, got {fetch_stall_s}")
+        self.fetch_stall_s = fetch_stall_s
         if not 1 <= parallel_partitions <= 64:
             raise InboxError(f"parallel_partitions must be between 1 and 64, got {parallel_partitions}")
         self.parallel_partitions = parallel_partitions
@@ -383,6 +394,7 @@ class _PollLoop:
         # since): what the lag gauge subtracts from the end offsets.
         self.positions: dict[TopicPartition, int] = {}
         self.last_lag = 0.0
+        self.last_records: dict[TopicPartition, float] = {}  # when poll last returned records, per partition
 
     def run(self) -> None:
         kc, control = self.kc, self.control
@@ -392,10 +404,14 @@ class _PollLoop:
             if self.outage is not None:
                 self._reconnect()
             polled = kc.poll(timeout_ms=self.runner.poll_timeout_ms)
+            now = time.monotonic()
+            for tp, batch in polled.items():
+                if batch:
+                    self.last_records[tp] = now
             self._settle()
             metrics.assigned_partitions = len(kc.assignment())
             if time.monotonic() - self.last_lag >= self.runner.lag_interval_s:
-                self._refresh_lag()
+                self._refresh_lag(pending={tp for tp, batch in polled.items() if batch})
             # Partition order, not poll order: every instance locks rows in the same order (see
             # process.lock_order); sorting the few partitions keeps each one's records in order.
             batches = [(tp, batch) for tp, batch in sorted(polled.items(), key=_by_partition)
@@ -438,21 +454,65 @@ class _PollLoop:
             self.metrics.database_ok = True
             self._commit_to_kafka()
 
-    def _refresh_lag(self) -> None:
-        """End offset minus PostgreSQL's next offset, per assigned partition PostgreSQL has a position
-        for. One ListOffsets request, at most every lag_interval_s: never per message."""
-        self.last_lag = time.monotonic()
-        assigned = [tp for tp in self.kc.assignment() if tp in self.positions]
-        if not assigned:
+    def _refresh_lag(self, pending: set[TopicPartition]) -> None:
+        """Records waiting per assigned partition PostgreSQL has a position for: the end offset minus
+        where this consumer reads next. One ListOffsets request, at most every lag_interval_s: never
+        per message. `pending`: partitions whose polled records are not handed to a worker yet."""
+        now = self.last_lag = time.monotonic()
+        assigned = self.kc.assignment()
+        quiet = [tp for tp in assigned if now - self.last_records.setdefault(tp, now) >= self.runner.fetch_stall_s]
+        asked = [tp for tp in assigned if tp in self.positions or tp in quiet]
+        if not asked:
             self.metrics.set_lag({})
             return
         try:
-            ends = self.kc.end_offsets(assigned, timeout_ms=LAG_TIMEOUT_MS)
+            ends = self.kc.end_offsets(asked, timeout_ms=LAG_TIMEOUT_MS)
         except Exception as exc:  # noqa: BLE001 - a gauge may be late; the loop must not stop for it
             log.debug("consumer %s: end offsets for the lag gauge failed: %s", self.consumer, redact(str(exc)))
             return
-        self.metrics.set_lag({(tp.topic, tp.partition): end - self.positions[tp]
-                              for tp, end in ends.items() if end is not None and tp in self.positions})
+        lags = {}
+        for tp, end in ends.items():
+            if end is None or tp not in self.positions:
+                continue
+            # Nothing of this partition is in flight (the previous poll's work is settled): the
+            # consumer's own position is then past transaction markers and aborted records too,
+            # which PostgreSQL's next offset never passes; a caught-up partition of the relay's
+            # exactly-once mode would otherwise show 1 forever.
+            settled = tp not in pending and self.outage is None  # in an outage polled records are dropped
+            reads_next = max(self.positions[tp], self._position(tp) or 0) if settled else self.positions[tp]
+            lags[(tp.topic, tp.partition)] = max(end - reads_next, 0)
+        self.metrics.set_lag(lags)
+        if quiet and self.outage is None:
+            self._unstall(quiet, ends, now)
+
+    def _position(self, tp: TopicPartition) -> int | None:
+        try:
+            return self.kc.position(tp, timeout_ms=LAG_TIMEOUT_MS)
+        except Exception as exc:  # noqa: BLE001 - no position known to Kafka
+            log.debug("consumer %s: position of %s failed: %s", self.consumer, tp, redact(str(exc)))
+            return None
+
+    def _unstall(self, quiet, ends, now) -> None:
+        """Seek partitions that have records waiting but returned none for fetch_stall_s."""
+        paused = self.kc.paused()
+        for tp in quiet:
+            if tp in paused or ends.get(tp) is None:
+                continue
+            position = self._position(tp)
+            target = position if position is not None else self.positions.get(tp)
+            if target is None and self.runner.kafka_config.get("auto_offset_reset") == "earliest":
+                try:  # no position at all: its reset to the beginning is what stalled
+                    target = self.kc.beginning_offsets([tp], timeout_ms=LAG_TIMEOUT_MS).get(tp)
+                except Exception as exc:  # noqa: BLE001 - tried again at the next check
+                    log.debug("consumer %s: beginning offset of %s failed: %s", self.consumer, tp, redact(str(exc)))
+            if target is None or ends[tp] <= target:
+                continue  # caught up, or nothing known to seek to
+            log.warning("consumer %s: %s[%d] returned no records for %.0f s although %d are waiting from offset %d; "
+                        "seeking to %d again to restart its fetch", self.consumer, tp.topic, tp.partition,
+                        now - self.last_records[tp], ends[tp] - target, target, target)
+            self.kc.seek(tp, target)
+            self.metrics.fetch_restarts.labels(self.consumer, tp.topic).inc()
+            self.last_records[tp] = now
 
     def _absorb(self, result: BatchResult | None, revoked=frozenset()) -> None:
         if result is None:
@@ -552,6 +612,7 @@ class _PollLoop:
         """Let the batch in flight finish and commit before the partitions go to their new owner."""
         for tp in revoked:
             self.positions.pop(tp, None)
+            self.last_records.pop(tp, None)
         self.metrics.forget_partitions((tp.topic, tp.partition) for tp in revoked)
         batches = self.in_flight.take()
         if not batches:
@@ -586,6 +647,9 @@ class _PollLoop:
         for (topic, part), offset in stored.items():
             kc.seek(TopicPartition(topic, part), offset)
             self.positions[TopicPartition(topic, part)] = offset
+        now = time.monotonic()
+        for tp in assigned:
+            self.last_records[tp] = now
         self.metrics.database_ok = True
         self.last_lag = 0.0  # refresh the lag gauge at the next turn
         log.info("consumer %s assigned %s; positions from PostgreSQL: %s", self.consumer,

@@ -38,6 +38,10 @@ class InboxMetrics:
                                      labels, registry=r)
         self.retries = Counter("outbox_inbox_handler_retries",
                                "Failed handler attempts that are retried after a backoff", labels, registry=r)
+        self.fetch_restarts = Counter("outbox_inbox_fetch_restarts",
+                                      "Partitions sought to their own position because they had records waiting "
+                                      "but returned none for fetch_stall_s (a Kafka client fetch stall)",
+                                      labels, registry=r)
         self.transactions = Counter("outbox_inbox_transactions", "PostgreSQL transactions committed",
                                     ["consumer"], registry=r)
         self.handler_seconds = Histogram("outbox_inbox_handler_duration_seconds",

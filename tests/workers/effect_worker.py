@@ -9,6 +9,7 @@ OUTBOX_DATABASE_URL comes from the environment. Exits only by SIGKILL (it kills 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ def main() -> int:
     parser.add_argument("--amount", type=int, required=True)
     parser.add_argument("--lease-s", type=float, default=1.0)
     args = parser.parse_args()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # tests.workers.process dumps a hung worker
     provider = ProviderClient(args.provider)
     effects = Effects(load_settings().require_database_url(), lease_s=args.lease_s, owner="doomed-worker")
 

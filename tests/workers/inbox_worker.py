@@ -12,6 +12,7 @@ SIGTERM stops it gracefully (exit 0).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -42,6 +43,7 @@ def main() -> int:
     parser.add_argument("--typed", action="store_true",
                         help="dispatch through Handlers with a pydantic model per event type")
     args = parser.parse_args()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # tests.workers.process dumps a hung worker
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     # Warnings too: a worker that never gets records says why (coordinator, fencing, metadata).
     logging.getLogger("kafka").setLevel(logging.WARNING)
@@ -68,7 +70,7 @@ def main() -> int:
         handle = handler
     runner = Runner(args.consumer, handle, dsn=settings.require_database_url(), bootstrap=settings.kafka_servers,
                     topics=[args.topic], max_poll_records=args.poll_records, poll_timeout_s=0.2,
-                    parallel_partitions=args.parallel,
+                    parallel_partitions=args.parallel, fetch_stall_s=10,  # well inside the tests' 60 s waits
                     policy=RetryPolicy(max_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.05),
                     # Static membership: a restarted worker takes its partitions back at once instead
                     # of waiting for the killed member's session to time out.

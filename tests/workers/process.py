@@ -8,11 +8,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 from tests.support.helpers import wait_for
 from tests.support.paths import REPO
 
-LOG_TAIL = 8000
+LOG_TAIL = 16000
 
 
 class WorkerProcess:
@@ -39,6 +40,7 @@ class WorkerProcess:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.dump_stacks()
             self.kill()
             raise AssertionError(f"{self.name} (pid {self.proc.pid}) still running after {timeout:.0f} s; killed "
                                  f"it") from None
@@ -56,6 +58,13 @@ class WorkerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
 
+    def dump_stacks(self) -> None:
+        """Every thread's stack into the log (the workers register faulthandler on SIGUSR1): a hung
+        worker's report then says where it hung."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -65,6 +74,8 @@ class WorkerProcess:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self.dump_stacks()
         self.kill()
         if exc is not None:
             exc.add_note(f"--- log of {self.name} (pid {self.proc.pid}, exit {self.proc.returncode}) ---\n"
