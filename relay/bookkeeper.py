@@ -78,6 +78,11 @@ class Batch:
     persisted: bool = False
     checked: int = 0  # handles[:checked] are known to be done (the pipeline's scan resumes there)
 
+    @property
+    def backfilled(self) -> bool:
+        """Rows read from the table: their commit_ts are the events' created_at, not commit times."""
+        return self.backfill_after is not None
+
 
 @dataclass(slots=True)
 class _Txn:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import platform
 import time
+from bisect import bisect_left
+from itertools import groupby
 from http.server import ThreadingHTTPServer
 
 from prometheus_client import (
@@ -82,6 +84,22 @@ class RelayMetrics:
         self.stalled = False  # events wait and nothing was acknowledged for OUTBOX_STALL_TIMEOUT_S
         self.bind_host = "127.0.0.1"  # where serve() listens unless told otherwise (OUTBOX_METRICS_HOST)
         self._init_readiness()
+
+    def observe_latencies(self, base_s: float, commit_ts_us) -> None:
+        """One latency per event: base_s minus each event's commit time (µs). Events of one source
+        transaction share it, so each run of equal times costs one bucket increment, not one per
+        event (per-event observe() was ~3% of the relay's CPU on large transactions)."""
+        h = self.latency
+        buckets, bounds, total = getattr(h, "_buckets", None), getattr(h, "_upper_bounds", None), getattr(h, "_sum", None)
+        if buckets is None or bounds is None or total is None:  # a prometheus_client without these internals
+            for ts in commit_ts_us:
+                h.observe(base_s - ts / 1e6)
+            return
+        for ts, run in groupby(commit_ts_us):
+            n = sum(1 for _ in run)
+            latency = base_s - ts / 1e6
+            total.inc(latency * n)
+            buckets[bisect_left(bounds, latency)].inc(n)
 
     def set_wal_status(self, state: str) -> None:
         for s in WAL_STATES:

@@ -338,12 +338,9 @@ class Pipeline:
             m.dead_lettered.labels(dead.reason).inc()
             log.error("event %s dead-lettered (%s): %s", dead.event_id.decode(errors="replace"), dead.reason,
                       dead.error)
-        if outcome.batch.first_lsn == 0:
-            return  # backfilled: their commit time is unknown, they would only distort the histogram
-        base = unix_to_pg(outcome.done_at) / 1e6
-        observe = m.latency.observe
-        for ts in outcome.batch.commit_ts:
-            observe(base - ts / 1e6)
+        if outcome.batch.backfilled:
+            return  # their commit time is unknown: created_at would read as minutes of latency
+        m.observe_latencies(unix_to_pg(outcome.done_at) / 1e6, outcome.batch.commit_ts)
 
     def drain(self, timeout: float = 60) -> None:
         """Graceful stop: finish the open batch, wait for Kafka and the ledger, acknowledge."""
@@ -421,7 +418,7 @@ class Pipeline:
             if lag[1] == "unreserved":
                 self._warn_once("unreserved", f"slot {self.s.slot_name!r} is about to be invalidated "
                                 f"(wal_status=unreserved): the relay is too far behind max_slot_wal_keep_size")
-        oldest = next((b.commit_ts[0] for b in bk.pending() if b.commit_ts and b.first_lsn), None)
+        oldest = next((b.commit_ts[0] for b in bk.pending() if b.commit_ts and not b.backfilled), None)
         self.metrics.slot_lag_seconds.set(max(0.0, (now_pg() - oldest) / 1e6) if oldest is not None else 0.0)
         self.metrics.inflight_events.set(bk.inflight_events)
         self.metrics.inflight_bytes.set(bk.inflight_bytes)
