@@ -17,8 +17,8 @@ from __future__ import annotations
 import platform
 import time
 from bisect import bisect_left
-from itertools import groupby
 from http.server import ThreadingHTTPServer
+from itertools import groupby
 
 from prometheus_client import (
     PLATFORM_COLLECTOR,
