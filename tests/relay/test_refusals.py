@@ -43,21 +43,34 @@ def run_relay_process(env: dict[str, str], tmp_path, timeout: float = 90) -> tup
     return code, (tmp_path / "relay.log").read_text()
 
 
-def test_relay_with_only_its_grants_streams_and_publishes(db, kafka, topic_prefix, logins):
+@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
+def test_relay_with_only_its_grants_streams_and_publishes(db, kafka, topic_prefix, logins, delivery):
+    """exactly-once also writes its checkpoint and batches inside Kafka transactions and runs its
+    recovery queries at start: the same grants must cover both modes."""
     relay_name, relay_dsn = logins.create("relay")
     producer_name, producer_dsn = logins.create("producer")
     for role, name in (("relay", relay_name), ("producer", producer_name)):
         result = outbox_cli("grants", "--role", role, "--login", name, "--apply", env={"OUTBOX_DATABASE_URL": db.secret()})
         assert result.returncode == EXIT_OK, result.stderr
     assert query(db, "SELECT rolreplication, rolsuper FROM pg_roles WHERE rolname = %s", (relay_name,)) == [(True, False)]
-    with RelayThread(relay_settings(relay_dsn, kafka, topic_prefix)) as relay:
+    settings = relay_settings(relay_dsn, kafka, topic_prefix, delivery=delivery)
+    with RelayThread(settings) as relay:
         with psycopg.connect(producer_dsn.secret()) as conn:
             for i in range(3):
                 conn.execute("SELECT outbox.emit('order', %s, 'Placed', '{}')", (str(i),))
         records = read_topic(kafka, f"{topic_prefix}.order", expect=3)
         wait_for(lambda: published(db) == 3, 30, "3 events recorded as published")
         assert relay.exit_code is None
+        assert relay.stop() == EXIT_OK
     assert sorted(r.key for r in records) == [b"0", b"1", b"2"]
+    # A restart with the same grants resumes (exactly-once: from its checkpoint) and repeats nothing.
+    with RelayThread(relay_settings(relay_dsn, kafka, topic_prefix, delivery=delivery)) as relay:
+        with psycopg.connect(producer_dsn.secret()) as conn:
+            conn.execute("SELECT outbox.emit('order', '3', 'Placed', '{}')")
+        records = read_topic(kafka, f"{topic_prefix}.order", expect=4, settle=2.0,
+                             isolation="read_committed" if delivery == "exactly-once" else "read_uncommitted")
+        assert relay.exit_code is None
+    assert sorted(r.key for r in records) == [b"0", b"1", b"2", b"3"]
 
 
 def test_wrong_password_stops_the_relay_with_exit_4_and_the_fix(db, kafka, topic_prefix, logins, tmp_path):
