@@ -43,6 +43,7 @@ KNOWN = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
 CONTAINERS = {**{f"compose:{k}": v for k, v in compose_containers().items()},
               **{f"k8s:{k}": v for k, v in kubernetes_containers().items()}}
 RELAYS = [k for k, c in CONTAINERS.items() if c.command[1:2] == ["relay"]]
+CONSUMERS = [k for k, c in CONTAINERS.items() if c.command[:2] == ["python", "-m"]]  # inbox consumers
 DASHBOARDS = [k for k, c in CONTAINERS.items() if c.command[1:2] == ["dashboard"]]
 STREAMLIT_HEALTH = "/_stcore/health"  # Streamlit's own endpoint; the dashboard has no relay inside
 
@@ -59,6 +60,7 @@ def test_the_files_were_found():
     assert {"k8s:outbox-relay/relay", "k8s:outbox-dashboard/dashboard", "k8s:outbox-migrate/migrate"} \
         <= CONTAINERS.keys()
     assert len(RELAYS) == 3 and len(DASHBOARDS) == 2
+    assert sorted(CONSUMERS) == ["compose:shipping", "k8s:outbox-consumer/consumer"]
 
 
 @pytest.mark.parametrize("name", sorted(CONTAINERS))
@@ -95,7 +97,7 @@ def c_env_from(c: Container) -> list[dict]:
     return []
 
 
-@pytest.mark.parametrize("name", sorted(CONTAINERS))
+@pytest.mark.parametrize("name", sorted(set(CONTAINERS) - set(CONSUMERS)))
 def test_every_command_is_a_real_cli_command(name, capsys):
     c = CONTAINERS[name]
     assert c.command[0] == "outbox", f"{c.where}: {c.command}"
@@ -104,6 +106,31 @@ def test_every_command_is_a_real_cli_command(name, capsys):
     except SystemExit:
         pytest.fail(f"{c.where}: `{' '.join(c.command)}` is not a valid command: {capsys.readouterr().err}")
     assert callable(args.func)
+
+
+@pytest.mark.parametrize("name", CONSUMERS)
+def test_every_consumer_command_runs_a_module_of_the_package_with_a_main(name):
+    import importlib
+
+    c = CONTAINERS[name]
+    assert len(c.command) == 3 and c.command[2].startswith("outbox."), f"{c.where}: {c.command}"
+    module = importlib.import_module(c.command[2])
+    assert callable(getattr(module, "main", None)) and "__main__" in Path(module.__file__).read_text()
+
+
+@pytest.mark.parametrize("name", CONSUMERS)
+def test_consumer_ports_and_probes_match_the_inbox_metrics_server(name):
+    c = CONTAINERS[name]
+    settings = effective(c)
+    port = settings.inbox_metrics_port
+    assert port and settings.metrics_host == "0.0.0.0", f"{c.where}: the Runner's server must listen on 0.0.0.0"
+    assert port in c.ports, f"{c.where}: exposes {c.ports}, the Runner's server listens on {port}"
+    assert {probe_port for _, probe_port in c.probes.values()} == {port}
+    paths = {kind: path for kind, (path, _) in c.probes.items()}
+    if name.startswith("k8s:"):
+        assert paths == {"livenessProbe": "/healthz", "readinessProbe": "/readyz", "startupProbe": "/healthz"}
+    else:  # an idle extra member is alive but not ready: compose's healthcheck is the liveness one
+        assert paths == {"healthcheck": "/healthz"}
 
 
 def test_the_image_runs_the_relay_by_default_in_exec_form():
@@ -327,6 +354,46 @@ def test_container_dashboard_answers_its_health_probe_on_every_interface(db, tmp
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_container_consumer_answers_healthz_and_readyz_and_stops_on_sigterm(db, kafka, tmp_path):
+    """The compose consumer's command and environment, outside a container: the Runner's server
+    listens on 0.0.0.0 at OUTBOX_INBOX_METRICS_PORT, /readyz turns 200 once partitions are assigned,
+    and SIGTERM ends it with exit 0."""
+    from outbox.examples import shipping
+    from relay.publisher import ensure_topic
+
+    ensure_topic({"bootstrap_servers": kafka}, shipping.TOPIC, 3)
+    c = CONTAINERS["compose:shipping"]
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update({k: v for k, v in c.env.items() if v is not None})
+    env.update(OUTBOX_DATABASE_URL=db.secret(), OUTBOX_KAFKA_BOOTSTRAP=kafka, OUTBOX_INBOX_METRICS_PORT=str(port))
+    argv = [sys.executable, *c.command[1:]]
+    log = tmp_path / "consumer.log"
+    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        def ready():
+            assert proc.poll() is None, log.read_text()[-2000:]
+            try:
+                return probe(port, "/readyz")[0] == 200
+            except OSError:
+                return False
+
+        wait_for(ready, 60, "the consumer's /readyz", interval=0.3)
+        code, body = probe(port, "/readyz")
+        assert body["assigned_partitions"] == 3 and body["database_up"] is True
+        assert probe(port, "/healthz")[0] == 200
+        assert 'outbox_inbox_ready{consumer="shipping"} 1.0' in scrape(port)
+        assert any(":%04X" % port in line and " 00000000:" in line
+                   for line in Path("/proc/net/tcp").read_text().splitlines()), "not bound to 0.0.0.0"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
             proc.kill()
             proc.wait()
 
