@@ -1,6 +1,7 @@
 """Our relay against the real Debezium embedded engine, same run, same rows, same broker.
 
     python -m bench.debezium_bench [--events 30000] [--latency-seconds 10] [--clients kafka-python,confluent-kafka]
+                                   [--deliveries at-least-once,exactly-once]
 
 One embedded PostgreSQL 18 + Apache Kafka 4.x dev stack (.outbox/bench-dbz). Both sides read the same
 publication (`outbox_events`) through their own pgoutput slot, created before the rows are written,
@@ -12,8 +13,9 @@ configured for `outbox.events` (topic by aggregate_type, key aggregate_id, paylo
 `id` header), each batch acknowledged after Kafka acked all of it.
 
 1. backlog, pass 1  N rows written, then our relay starts and runs to the last ack (once per producer
-                    client, OUTBOX_KAFKA_CLIENT, each with its own slot); then Debezium's first engine
-                    in a fresh JVM (cold) does the same
+                    client, OUTBOX_KAFKA_CLIENT, and delivery mode, OUTBOX_DELIVERY, each with its own
+                    slot); then Debezium's first engine in a fresh JVM (cold) does the same. Debezium
+                    has one mode here: at-least-once (the embedded engine has no Kafka transactions)
 2. backlog, pass 2  N more rows, our relay again (new Relay), then a second engine in the same JVM (warm)
 3. latency          commit -> Kafka ack at ~1,000 events/s, p50/p99, Debezium (warm JVM) then our relay
 
@@ -46,6 +48,7 @@ from bench.relay_bench import (
     emit_steadily,
     insert_rows,
     log,
+    published,
     run_relay_for,
 )
 from outbox.core.migrate import migrate
@@ -73,7 +76,7 @@ def rate(events: int, seconds: float) -> float:
 
 def format_row(name: str, ours: float, theirs: float) -> str:
     r = ratio(ours, theirs)
-    return f"{name:<44} relay {ours:>9,.0f}/s   Debezium {theirs:>9,.0f}/s   ratio {r if r is not None else '-'}x"
+    return f"{name:<58} relay {ours:>9,.0f}/s   Debezium {theirs:>9,.0f}/s   ratio {r if r is not None else '-'}x"
 
 
 def find_javac(java: str) -> str | None:
@@ -184,13 +187,17 @@ def relay_pass(settings, n: int) -> tuple[float, float]:
     return rate(n, streaming_s), rate(n, total_s)
 
 
-def client_tag(client: str) -> str:
-    """'' for the default client (its result keys keep their names), '_confluent_kafka' otherwise."""
-    return "" if client == "kafka-python" else "_" + client.replace("-", "_")
+def client_tag(client: str, delivery: str = "at-least-once") -> str:
+    """'' for the default client and delivery (its result keys keep their names); otherwise e.g.
+    '_confluent_kafka', '_exactly_once', '_confluent_kafka_exactly_once'."""
+    tag = "" if client == "kafka-python" else "_" + client.replace("-", "_")
+    return tag + ("" if delivery == "at-least-once" else "_" + delivery.replace("-", "_"))
 
 
 def check_records(bootstrap: str, n: int, relay_topics: list[str]) -> dict:
-    """Both sides wrote 2n records; Debezium's carry the event id header and the aggregate key."""
+    """Both sides wrote 2n records (exactly-once topics also hold a commit marker per Kafka
+    transaction, so their end offsets are higher); Debezium's carry the event id header and the
+    aggregate key."""
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, consumer_timeout_ms=5000)
@@ -203,7 +210,8 @@ def check_records(bootstrap: str, n: int, relay_topics: list[str]) -> dict:
     record = next(iter(consumer))
     consumer.close()
     headers = {k: v.decode() for k, v in record.headers}
-    if set(counts.values()) != {2 * n} or "id" not in headers or not record.key:
+    exact = [c for t, c in counts.items() if "exactly_once" not in t]
+    if set(exact) != {2 * n} or min(counts.values()) < 2 * n or "id" not in headers or not record.key:
         raise RuntimeError(f"unexpected records: counts {counts}, a Debezium record {record}")
     return {"records_per_topic": counts, "debezium_sample": {"key": record.key.decode(), "headers": headers,
                                                              "value": record.value.decode()[:60]}}
@@ -238,10 +246,14 @@ def main() -> None:
     parser.add_argument("--clients", default=None,
                         help="OUTBOX_KAFKA_CLIENT values for our relay (default: both when confluent-kafka "
                              "is installed, else kafka-python)")
+    parser.add_argument("--deliveries", default="at-least-once,exactly-once",
+                        help="OUTBOX_DELIVERY modes for our relay's backlog passes (comma-separated)")
     args = parser.parse_args()
     n = args.events
     clients = ([c.strip() for c in args.clients.split(",") if c.strip()] if args.clients
                else ["kafka-python"] + (["confluent-kafka"] if _has("confluent_kafka") else []))
+    deliveries = [d.strip() for d in args.deliveries.split(",") if d.strip()]
+    variants = [(c, d) for d in deliveries for c in clients]
 
     java = find_java()
     javac = find_javac(java) if java else None
@@ -263,15 +275,16 @@ def main() -> None:
         dsn, bootstrap = urls.database_url, urls.kafka_bootstrap
         migrate(dsn, log=lambda _: None)
         codec = compression(base.compression)
-        for slot in [f"b_relay{client_tag(c)}" for c in clients] + [DBZ_SLOT]:
+        for slot in [f"b_relay{client_tag(*v)}" for v in variants] + [DBZ_SLOT]:
             create_slot(dsn, slot)
-        for topic in [f"rel{client_tag(c)}.bench" for c in clients] + [
+        for topic in [f"rel{client_tag(*v)}.bench" for v in variants] + [
                 f"lat{client_tag(c)}.latency" for c in clients] + ["dbz.bench", "dbz.dbzlat"]:
             ensure_topic({"bootstrap_servers": bootstrap}, topic, 3)
 
-        def settings_for(slot: str, template: str, client: str):
+        def settings_for(slot: str, template: str, client: str, delivery: str = "at-least-once"):
             return load_settings(_env_file=None, database_url=dsn.secret(), kafka_bootstrap=bootstrap, slot_name=slot,
-                                 topic_template=template, metrics_port=0, relay_id=f"bench-{slot}", kafka_client=client)
+                                 topic_template=template, metrics_port=0, relay_id=f"bench-{slot}", kafka_client=client,
+                                 delivery=delivery)
 
         settings = settings_for("b_relay", "rel.{aggregate_type}", "kafka-python")
         props = ROOT.absolute() / "debezium.properties"
@@ -282,13 +295,16 @@ def main() -> None:
         for pass_no, label in ((1, "cold"), (2, "warm")):
             log(f"pass {pass_no}: inserting {n} events of ~200 B ...")
             insert_rows(dsn, "bench", n)
-            ours_by_client = {}
-            for client in clients:
-                tag = client_tag(client)
-                ours_by_client[client] = relay_pass(settings_for(f"b_relay{tag}", f"rel{tag}.{{aggregate_type}}",
-                                                                 client), n)
-                log(f"  relay ({client}): {ours_by_client[client][0]:,.0f} events/s streaming, "
-                    f"{ours_by_client[client][1]:,.0f}/s incl. session start")
+            ours_by_variant = {}
+            for client, delivery in variants:
+                tag = client_tag(client, delivery)
+                ours = ours_by_variant[(client, delivery)] = relay_pass(
+                    settings_for(f"b_relay{tag}", f"rel{tag}.{{aggregate_type}}", client, delivery), n)
+                if published(dsn, f"b_relay{tag}") != pass_no * n:
+                    raise RuntimeError(f"relay ({client}, {delivery}) recorded {published(dsn, f'b_relay{tag}')} "
+                                       f"published events, expected {pass_no * n}")
+                log(f"  relay ({client}, {delivery}): {ours[0]:,.0f} events/s streaming, "
+                    f"{ours[1]:,.0f}/s incl. session start")
             if jvm is None:
                 jvm = Jvm(java, classes, libs, props, ROOT.absolute() / "debezium.log")
                 log(f"  Debezium JVM up in {jvm.up_s:.2f} s")
@@ -302,8 +318,8 @@ def main() -> None:
                 "debezium_events_per_s": round(theirs), "debezium_seconds": doc["seconds"],
                 "debezium_engine_start_to_first_record_s": doc["engine_start_to_first_record_s"],
                 "debezium_streaming_events_per_s": round(theirs_streaming)}
-            for client, (ours, ours_with_start) in ours_by_client.items():
-                tag = client_tag(client)
+            for (client, delivery), (ours, ours_with_start) in ours_by_variant.items():
+                tag = client_tag(client, delivery)
                 r[f"relay{tag}_events_per_s"] = round(ours)
                 r[f"relay{tag}_incl_session_start_events_per_s"] = round(ours_with_start)
                 # like for like: both including their session start, and both only while streaming
@@ -314,7 +330,7 @@ def main() -> None:
                     rate(n, doc["seconds"] + jvm.up_s))
                 results["debezium_engine"] = doc["engine"]
 
-        results["kafka_records"] = check_records(bootstrap, n, [f"rel{client_tag(c)}.bench" for c in clients])
+        results["kafka_records"] = check_records(bootstrap, n, [f"rel{client_tag(*v)}.bench" for v in variants])
         log(f"latency at 1k/s for {args.latency_seconds} s: Debezium (warm JVM) ...")
         dbz_lat = debezium_latency(jvm, dsn, 1000, args.latency_seconds)
         results["debezium_jvm_rss_peak_mib"] = jvm.rss_peak_mib()
@@ -341,7 +357,8 @@ def main() -> None:
             "versions": {"debezium": DEBEZIUM_VERSION, "kafka_python": kafka.__version__,
                          "postgres": stack.postgres().version(), "kafka_broker": base.dev_kafka_version,
                          "confluent_kafka": _confluent_version() if "confluent-kafka" in clients else None},
-            "config": {"events_per_pass": n, "clients": clients, "payload_bytes": "~200", "compression": codec,
+            "config": {"events_per_pass": n, "clients": clients, "deliveries": deliveries, "payload_bytes": "~200",
+                       "compression": codec,
                        "linger_ms": settings.linger_ms, "debezium_poll_interval_ms": 10,
                        "latency_seconds": args.latency_seconds},
             "results": results,
@@ -352,10 +369,10 @@ def main() -> None:
         print(json.dumps(results, indent=2))
         for label in ("cold", "warm"):
             r = results[f"backlog_{label}"]
-            for client in clients:
-                tag = client_tag(client)
-                print(format_row(f"backlog, {client}, Debezium {label}", r[f"relay{tag}_incl_session_start_events_per_s"],
-                                 r["debezium_events_per_s"]))
+            for client, delivery in variants:
+                tag = client_tag(client, delivery)
+                print(format_row(f"backlog, {client}, {delivery}, Debezium {label}",
+                                 r[f"relay{tag}_incl_session_start_events_per_s"], r["debezium_events_per_s"]))
                 print(format_row("  streaming only", r[f"relay{tag}_events_per_s"],
                                  r["debezium_streaming_events_per_s"]))
         for client in clients:

@@ -49,3 +49,9 @@ def test_the_debezium_lock_pins_the_engine_connector_and_a_matching_slf4j_bindin
     assert jars[("io.debezium", "debezium-connector-postgres")].version == DEBEZIUM_VERSION
     assert jars[("org.slf4j", "slf4j-api")].version == jars[("org.slf4j", "slf4j-simple")].version == DEBEZIUM_SLF4J
     assert all(len(j.sha256) == 64 and j.size > 0 for j in jars.values())
+
+
+def test_client_tag_names_the_delivery_mode_except_the_default():
+    assert client_tag("kafka-python", "at-least-once") == ""
+    assert client_tag("kafka-python", "exactly-once") == "_exactly_once"
+    assert client_tag("confluent-kafka", "exactly-once") == "_confluent_kafka_exactly_once"
