@@ -32,6 +32,7 @@ def exported_names() -> set[str]:
     inbox.count(BatchResult(transactions=1, tallies={("orders", 0): (1, 1, 1)}, retries={("orders", 0): 1}))
     inbox.set_lag({("orders", 0): 1})
     inbox.handler_seconds.labels("billing", "orders").observe(0.01)
+    inbox.fetch_restarts.labels("billing", "orders").inc()
     return {sample.name for registry in (m.registry, inbox.registry) for family in registry.collect()
             for sample in family.samples}
 
@@ -67,7 +68,8 @@ def test_the_alerts_asked_for_exist_with_a_severity_and_a_summary():
               for rule in group["rules"] if "alert" in rule}
     assert {"OutboxNoActiveRelay", "OutboxRelayAbsent", "OutboxSlotLagBytesHigh", "OutboxSlotLagSecondsHigh",
             "OutboxPipelineRestarting", "OutboxDeadLettersIncreasing", "OutboxPublishLatencyHigh",
-            "OutboxInboxLagHigh", "OutboxInboxDeadLettersIncreasing", "OutboxInboxNotReady"} <= alerts.keys()
+            "OutboxInboxLagHigh", "OutboxInboxDeadLettersIncreasing", "OutboxInboxNotReady",
+            "OutboxInboxFetchStalls"} <= alerts.keys()
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in ("warning", "critical"), name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
