@@ -28,6 +28,7 @@ semantics where librdkafka's differ:
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -93,7 +94,8 @@ class ConfluentConsumer:
     """The KafkaConsumer methods consumer.py calls (grep `kc.`), on a confluent_kafka.Consumer."""
 
     def __init__(self, config: Mapping):
-        self._grouped = config.get("group_id") is not None
+        self._group = config.get("group_id")
+        self._grouped = self._group is not None
         self._batch = int(config.get("max_poll_records") or DEFAULT_MAX_POLL_RECORDS)
         reset = str(config.get("auto_offset_reset", config.get("auto.offset.reset", "latest")))
         # Where a partition nobody positioned starts: the group's offset (then auto.offset.reset), or
@@ -105,6 +107,8 @@ class ConfluentConsumer:
         rd.update({"logger": _RedactingLogger(librdkafka_log, {}), "error_cb": _on_error, "on_commit": _on_commit})
         self._c = Consumer(rd)
         self._listener = None
+        self._subscription: tuple[list[str], object] | None = None  # names, and what matches a topic
+        self._resubscribe = False
         self._assigned: set[TopicPartition] = set()
         # Partitions handed to the listener (or to assign()) and not yet given to librdkafka: offset
         # to start from (None: the default start) and whether to pause them.
@@ -159,10 +163,28 @@ class ConfluentConsumer:
         else:
             names = list(topics)
         self._listener = listener
-        self._c.subscribe(names, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
+        matches = re.compile(pattern).match if pattern else set(names).__contains__
+        self._subscription = (names, matches)
+        self._subscribe()
+
+    def _subscribe(self) -> None:
+        self._c.subscribe(self._subscription[0], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                          on_lost=self._on_lost)
 
     def _on_assign(self, _consumer, partitions) -> None:
         new = {self._tp(p.topic, p.partition): None for p in partitions}
+        matches = self._subscription[1] if self._subscription else None
+        foreign = sorted(tp for tp in new if matches is not None and not matches(tp.topic))
+        if foreign:
+            # A static member (group.instance.id) rejoining a stable group gets its previous
+            # assignment back without a rebalance, even when its subscription changed since; the
+            # group leader must notice and rejoin. kafka-python does; librdkafka assigns them.
+            log.warning("consumer group %s assigned this member %s, which it does not subscribe to (a static "
+                        "member keeps its old assignment when it rejoins with another subscription); leaving "
+                        "them unassigned and rejoining the group", self._group, [f"{tp.topic}[{tp.partition}]" for tp in foreign])
+            for tp in foreign:
+                del new[tp]
+            self._resubscribe = True
         self._pending, self._pending_paused = dict(new), set()
         try:
             if self._listener is not None and new:
@@ -244,6 +266,9 @@ class ConfluentConsumer:
     def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Record]]:
         if self._pending is not None:  # a manual assign()
             self._apply_pending()
+        if self._resubscribe:  # outside the callback: subscribing again makes this member rejoin
+            self._resubscribe = False
+            self._subscribe()
         n = max_records or self._batch
         c = self._c
         messages = c.consume(n, 0)

@@ -236,3 +236,20 @@ def test_a_pattern_is_anchored_like_kafka_pythons_match(monkeypatch):
     kc2.subscribe(pattern=r"^outbox\..*")
     assert kc._c.calls == [("subscribe", [r"^outbox\.event\..*"])]
     assert kc2._c.calls == [("subscribe", [r"^outbox\..*"])]
+
+
+def test_partitions_of_topics_it_does_not_subscribe_to_are_refused_and_the_member_rejoins(monkeypatch, caplog):
+    """A static member rejoining a stable group after its subscription changed gets its previous
+    assignment back (another topic's partitions): kafka-python rejoins, and so must the adapter."""
+    kc = consumer(monkeypatch)
+    listener = Listener(kc, {})
+    kc.subscribe(topics=["orders"], listener=listener)
+    fake = kc._c
+    fake.on_assign(fake, [kc_mod.RdTopicPartition("old-topic", 0), kc_mod.RdTopicPartition("orders", 0)])
+    assert listener.seen == [("assigned", [TopicPartition("orders", 0)], [TopicPartition("orders", 0)])]
+    assert fake.calls[-1] == ("assign", [("orders", 0, OFFSET_STORED)])
+    assert "old-topic[0]" in caplog.text and "rejoining the group" in caplog.text
+    kc.poll(timeout_ms=0)
+    assert fake.calls[-1] == ("subscribe", ["orders"])  # the rejoin
+    kc.poll(timeout_ms=0)
+    assert [c for c in fake.calls if c[0] == "subscribe"] == [("subscribe", ["orders"])] * 2  # once
