@@ -269,7 +269,8 @@ def test_rebalance_between_two_instances_hands_partitions_over_without_overlap(d
 
 
 @pytest.mark.timeout(180)
-def test_runner_survives_a_postgresql_restart_and_resumes_from_the_stored_offsets(kafka, topic_prefix, caplog):
+@pytest.mark.parametrize("client", CLIENTS)
+def test_runner_survives_a_postgresql_restart_and_resumes_from_the_stored_offsets(kafka, topic_prefix, caplog, client):
     """PostgreSQL goes away under a running Runner (mid-batch, with records still arriving) and comes
     back on the same port. The Runner must not exit: it reconnects and resumes from the offsets
     stored in PostgreSQL, so every event is applied exactly once. A server of its own, so that
@@ -301,7 +302,7 @@ def test_runner_survives_a_postgresql_restart_and_resumes_from_the_stored_offset
             return counts(db, "SELECT count(*) FROM applied")[0][0]
 
         with caplog.at_level("INFO", logger="inbox"):
-            bg = Background(runner(db, kafka, "restart", topic, handler, max_poll_records=50))
+            bg = Background(runner(db, kafka, "restart", topic, handler, max_poll_records=50, kafka_client=client))
             wait_for(lambda: applied_count() >= 100, 60, "the runner to make progress")
             pg.stop()
             produce(kafka, topic, [(a.encode(), deposit(a, 1), headers_for(e, a)) for e, a in second])
