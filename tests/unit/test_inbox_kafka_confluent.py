@@ -104,7 +104,7 @@ class FakeConsumer:
     """confluent_kafka.Consumer, recording what the adapter asks of it."""
 
     def __init__(self, config):
-        self.config, self.calls, self.queue = config, [], []
+        self.config, self.calls, self.queue, self.positions = config, [], [], {}
 
     def subscribe(self, names, on_assign, on_revoke, on_lost):
         self.calls.append(("subscribe", names))
@@ -131,6 +131,13 @@ class FakeConsumer:
 
     def poll(self, timeout):
         return None
+
+    def position(self, tps):
+        return [kc_mod.RdTopicPartition(t.topic, t.partition, self.positions.get((t.topic, t.partition), -1001))
+                for t in tps]
+
+    def get_watermark_offsets(self, tp, timeout, cached):
+        return (3, 10)
 
 
 class Msg:
@@ -198,14 +205,17 @@ def test_seeks_in_the_assignment_callback_become_start_offsets_and_pauses_apply_
     assert fake.calls == [("subscribe", ["orders"]),
                           ("assign", [("orders", 0, 42), ("orders", 1, OFFSET_STORED), ("orders", 2, OFFSET_STORED)]),
                           ("pause", [("orders", 2)])]
-    assert kc.assignment() == {tp0, tp1, tp2}
+    assert kc.assignment() == {tp0, tp1, tp2} and kc.paused() == {tp2}
+    fake.positions[("orders", 0)] = 43
+    assert (kc.position(tp0), kc.position(tp1)) == (43, None)  # None: nothing consumed or sought yet
+    assert kc.end_offsets([tp0], timeout_ms=100) == {tp0: 10} and kc.beginning_offsets([tp0]) == {tp0: 3}
     kc.seek(tp1, 7)  # an assigned partition: a real seek
     kc.pause(tp0)
     kc.resume(tp0)
     assert fake.calls[-3:] == [("seek", ("orders", 1, 7)), ("pause", [("orders", 0)]), ("resume", [("orders", 0)])]
     fake.on_revoke(fake, [kc_mod.RdTopicPartition("orders", p) for p in range(3)])
     assert listener.seen[-1] == ("revoked", [tp0, tp1, tp2], [tp0, tp1, tp2])  # still assigned while it settles
-    assert fake.calls[-1] == ("unassign",) and kc.assignment() == set()
+    assert fake.calls[-1] == ("unassign",) and kc.assignment() == set() and kc.paused() == set()
     fake.on_lost(fake, [kc_mod.RdTopicPartition("orders", 0)])
     assert listener.seen[-1] == ("lost", [tp0])
 
