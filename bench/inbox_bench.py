@@ -2,6 +2,7 @@
 
     python -m bench.inbox_bench [--records 200000] [--rounds 3] [--poll-records N] [--keep]
     python -m bench.inbox_bench --io-ms 2 --parallel 1,3 --records 6000   # parallel partitions
+    python -m bench.inbox_bench --client kafka-python,confluent-kafka     # the Runner on each Kafka client
 
 Starts the embedded stack under .outbox/bench (PostgreSQL 18 + Apache Kafka), fills one topic
 with relay-shaped records (envelope headers, time-ordered v7 event ids, ~200 B JSON values,
@@ -10,6 +11,10 @@ body, and the inbox Runner with an empty handler (every record deduplicated in P
 transaction per poll). Each inbox round is a new consumer, so every record is new to it. Rates are
 measured from the first record to the last one consumed (bare) or committed in PostgreSQL
 (inbox). Prints the medians and their ratio and saves JSON under bench/results/.
+
+With --client kafka-python,confluent-kafka the Runner runs on each Kafka client in turn (same
+topic, same records, empty handler), next to the bare loops of both clients; it prints each
+client's events/s and its ratio to kafka-python's Runner (inbox-clients-*.json).
 
 With --io-ms the handler waits that long per record (a call to another service) and the Runner
 runs with each --parallel value in turn, same topic, same records: the ratio is the gain of
@@ -96,8 +101,30 @@ def bare(bootstrap: str, topic: str, records: int, poll_records: int) -> float:
         consumer.close()
 
 
+def bare_confluent(bootstrap: str, topic: str, records: int, poll_records: int) -> float:
+    """The librdkafka consume loop the Runner's confluent-kafka path is built on, empty body."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bare-{uuid.uuid4().hex[:8]}",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                         "isolation.level": "read_committed"})
+    consumer.subscribe([topic])
+    got, first = 0, None
+    try:
+        while got < records:
+            for msg in consumer.consume(poll_records, 1.0):
+                if msg.error() is None:
+                    if first is None:
+                        first = time.monotonic()
+                    msg.value()
+                    got += 1
+        return records / (time.monotonic() - first)
+    finally:
+        consumer.close()
+
+
 def inbox(dsn, bootstrap: str, topic: str, records: int, poll_records: int, *, io_s: float = 0.0,
-          parallel: int = 1) -> float:
+          parallel: int = 1, client: str = "kafka-python") -> float:
     handled = 0
     first: list[float] = []
     all_handled = threading.Event()
@@ -116,7 +143,7 @@ def inbox(dsn, bootstrap: str, topic: str, records: int, poll_records: int, *, i
 
     consumer = f"bench-{uuid.uuid4().hex[:8]}"
     runner = Runner(consumer, handler, dsn=dsn, bootstrap=bootstrap, topics=[topic], max_poll_records=poll_records,
-                    parallel_partitions=parallel)
+                    parallel_partitions=parallel, kafka_client=client)
     thread = threading.Thread(target=runner.run, name="runner")
     thread.start()
     try:
@@ -152,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--io-ms", type=float, default=0.0,
                         help="the handler waits this long per record; compares the --parallel values instead")
     parser.add_argument("--parallel", default="1,3", help="parallel_partitions values to compare with --io-ms")
+    parser.add_argument("--client", default=None,
+                        help="compare the Runner on these Kafka clients, e.g. kafka-python,confluent-kafka")
     args = parser.parse_args(argv)
     settings = load_settings(dev_kafka="apache")
     poll_records = args.poll_records or settings.inbox_poll_records
@@ -169,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         produce_rate, value_size = fill(urls.kafka_bootstrap, topic, args.records)
         print(f"filled {topic}: {args.records} records of {value_size} B ({produce_rate:,.0f}/s); "
               f"max_poll_records {poll_records}", flush=True)
+        if args.client:
+            return _clients(args, dsn, urls.kafka_bootstrap, topic, poll_records, info, pg_version, settings,
+                            value_size)
         if args.io_ms:
             return _parallel(args, dsn, urls.kafka_bootstrap, topic, poll_records, info, pg_version, settings)
         runs = []
@@ -239,6 +271,62 @@ def _parallel(args, dsn, bootstrap, topic, poll_records, info, pg_version, setti
     print("\n" + ", ".join(f"parallel_partitions={v}: {m:,.0f} events/s ({m / base:.2f}x)" for v, m in medians.items())
           + f" with a handler waiting {args.io_ms:g} ms per record\nsaved {path.relative_to(REPO)}")
     return 0
+
+
+def _clients(args, dsn, bootstrap, topic, poll_records, info, pg_version, settings, value_size) -> int:
+    clients = args.client.split(",")
+    unknown = set(clients) - {"kafka-python", "confluent-kafka"}
+    if unknown:
+        raise SystemExit(f"--client: unknown {', '.join(sorted(unknown))}; use kafka-python and/or confluent-kafka")
+    if "kafka-python" not in clients:
+        clients.insert(0, "kafka-python")  # the baseline of the ratio
+    runs = []
+    for n in range(args.rounds):
+        for kind in ("bare kafka-python", "bare confluent-kafka", *(f"inbox {c}" for c in clients)):
+            if kind == "bare kafka-python":
+                rate = bare(bootstrap, topic, args.records, poll_records)
+            elif kind == "bare confluent-kafka":
+                rate = bare_confluent(bootstrap, topic, args.records, poll_records)
+            else:
+                rate = inbox(dsn, bootstrap, topic, args.records, poll_records, client=kind.split()[1])
+            runs.append({"round": n + 1, "kind": kind, "events_per_s": round(rate)})
+            print(f"round {n + 1} {kind:22} {rate:10,.0f} events/s", flush=True)
+    kinds = list(dict.fromkeys(r["kind"] for r in runs))
+    medians = {k: statistics.median(r["events_per_s"] for r in runs if r["kind"] == k) for k in kinds}
+    base = medians["inbox kafka-python"]
+    info["machine"]["loadavg_after"] = os.getloadavg()
+    result = {
+        "benchmark": "inbox_kafka_clients",
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **info,
+        "versions": {"kafka-python": version("kafka-python"), "confluent-kafka": _installed("confluent-kafka"),
+                     "librdkafka": _librdkafka(), "psycopg": version("psycopg"), "postgresql": pg_version,
+                     "kafka_broker": f"Apache Kafka {settings.dev_kafka_version}", "crc32c": _installed("crc32c"),
+                     "zstandard": _installed("zstandard")},
+        "settings": {"records": args.records, "value_bytes": value_size, "partitions": PARTITIONS,
+                     "compression": "zstd", "max_poll_records": poll_records, "isolation_level": "read_committed",
+                     "handler": "empty", "inbox_commit": "one PostgreSQL transaction per poll",
+                     "event_ids": "uuid v7"},
+        "runs": runs,
+        "events_per_s": {k: round(m) for k, m in medians.items()},
+        "inbox_ratio_to_kafka_python": {c: round(medians[f"inbox {c}"] / base, 2) for c in clients},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"inbox-clients-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n" + "\n".join(f"{k:22} {m:10,.0f} events/s" for k, m in medians.items()))
+    print("inbox Runner, empty handler: " + ", ".join(f"{c} {medians[f'inbox {c}']:,.0f} events/s "
+                                                      f"({medians[f'inbox {c}'] / base:.2f}x kafka-python)"
+                                                      for c in clients) + f"\nsaved {path.relative_to(REPO)}")
+    return 0
+
+
+def _librdkafka() -> str | None:
+    try:
+        import confluent_kafka
+    except ImportError:
+        return None
+    return confluent_kafka.libversion()[0]
 
 
 def _installed(name: str) -> str | None:

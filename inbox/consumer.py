@@ -1,6 +1,10 @@
-"""The ready-made consumer: a kafka-python poll loop around `process()`.
+"""The ready-made consumer: a Kafka poll loop around `process()`.
 
     Runner("billing", handle, dsn=..., bootstrap=..., topics=["outbox.event.order"]).run()
+
+- The Kafka client is kafka-python (the default) or confluent-kafka (librdkafka, the `confluent`
+  extra: kafka_client="confluent-kafka", OUTBOX_KAFKA_CLIENT). The loop below is written against
+  kafka-python's KafkaConsumer; inbox/kafka_confluent.py gives librdkafka that interface.
 
 - Positions live in PostgreSQL (outbox.inbox_offsets). On partition assignment the runner seeks
   to them, so what the consumer has read and what its handler has written are one commit.
@@ -72,6 +76,7 @@ class DatabaseLost(Exception):
     """The worker's PostgreSQL connection is gone; the Runner reconnects and resumes."""
 
 
+KAFKA_CLIENTS = ("kafka-python", "confluent-kafka")
 SAME_AS_CONSUMER = object()  # group_id default: the consumer name
 PARALLEL_FETCH_BYTES = 16 * 1024  # per partition fetch with parallel_partitions > 1 (see Runner.__init__)
 DEFAULT_RETENTION_WINDOW_S = Settings.model_fields["inbox_retention_days"].default * horizon.DAY_S
@@ -85,7 +90,8 @@ class Runner:
                  replay_check_s: float = 5.0, kafka_config: Mapping | None = None,
                  retention_window_s: float | None = None, allow_short_dedupe_window: bool = False,
                  metrics_port: int | None = None, metrics_host: str | None = None, lag_interval_s: float = 10.0,
-                 parallel_partitions: int = 1, fetch_stall_s: float = FETCH_STALL_S):
+                 parallel_partitions: int = 1, fetch_stall_s: float = FETCH_STALL_S,
+                 kafka_client: str = "kafka-python"):
         """consumer    the inbox's name for this logical consumer (also the Kafka group by default)
         topics / pattern / partitions   what to read: a subscription (group-managed) or fixed partitions
         group_id    Kafka consumer group; defaults to the consumer name. None (fixed partitions only):
@@ -113,8 +119,15 @@ class Runner:
                     when handlers wait on I/O; the handler must be thread-safe
         fetch_stall_s  a partition with records waiting that returned none for this long (checked
                     every lag_interval_s) is sought to its position again, with a warning: a guard
-                    against fetch stalls in kafka-python 3.0"""
+                    against fetch stalls in kafka-python 3.0
+        kafka_client  "kafka-python" (default) or "confluent-kafka" (librdkafka: records are fetched and
+                    decoded in C; the `confluent` extra). kafka_config stays in kafka-python's option
+                    names either way (translated; librdkafka's own dotted names pass through)"""
         check_consumer_name(consumer)
+        if kafka_client not in KAFKA_CLIENTS:
+            raise InboxError(f"kafka_client must be one of {', '.join(KAFKA_CLIENTS)}, got {kafka_client!r} "
+                             f"(OUTBOX_KAFKA_CLIENT)")
+        self.kafka_client = kafka_client
         if sum(bool(x) for x in (topics, pattern, partitions)) != 1:
             raise InboxError("give exactly one of topics=[...], pattern='...' or partitions=[(topic, partition)]")
         if group_id is None and not partitions:
@@ -131,7 +144,7 @@ class Runner:
         self.allow_short_dedupe_window = allow_short_dedupe_window
         self._checked_topics: set[str] = set()
         config = dict(kafka_config or {})
-        if config.get("enable_auto_commit"):
+        if config.get("enable_auto_commit") or str(config.get("enable.auto.commit", "")).lower() == "true":
             raise InboxError("enable_auto_commit must stay off: the inbox commits offsets in PostgreSQL itself")
         self.kafka_config = {
             "bootstrap_servers": bootstrap,
@@ -162,7 +175,9 @@ class Runner:
             "enable_auto_commit": False,
         }
         # Retries of one record must end well before Kafka gives the partition to someone else.
-        self.budget_s = self.kafka_config.get("max_poll_interval_ms", DEFAULT_MAX_POLL_INTERVAL_MS) / 1000 / 2
+        poll_interval_ms = self.kafka_config.get("max_poll_interval_ms",
+                                                 self.kafka_config.get("max.poll.interval.ms", DEFAULT_MAX_POLL_INTERVAL_MS))
+        self.budget_s = int(poll_interval_ms) / 1000 / 2
         policy.check_fits(self.budget_s, "half of max_poll_interval_ms")
 
         self.totals = BatchResult()  # written by the poll loop only; read it any time
@@ -179,6 +194,8 @@ class Runner:
         self.parallel_partitions = parallel_partitions
         self._control = _Control()
         self._started = False
+        if kafka_client == "confluent-kafka":
+            _confluent().translate(self.kafka_config)  # a bad option fails here, not in run()
 
     @classmethod
     def from_settings(cls, settings, consumer: str, handler: Handler, **kwargs) -> "Runner":
@@ -189,6 +206,7 @@ class Runner:
         kwargs.setdefault("metrics_port", settings.inbox_metrics_port or None)  # 0: no server
         kwargs.setdefault("metrics_host", settings.metrics_host)
         kwargs.setdefault("parallel_partitions", settings.inbox_parallel_partitions)
+        kwargs.setdefault("kafka_client", settings.kafka_client)
         return cls(consumer, handler, dsn=settings.require_database_url(), bootstrap=settings.kafka_servers, **kwargs)
 
     def stop(self) -> None:
@@ -212,9 +230,10 @@ class Runner:
         try:
             workers = [_Worker(self, self._control, i) for i in range(self.parallel_partitions)]
             try:
-                kc = _no_topic_creation(KafkaConsumer(**self.kafka_config), self.kafka_config)
-                log.info("inbox consumer %s starting: group %s, %s, PostgreSQL %s", self.consumer,
-                         self.kafka_config["group_id"], self.pattern or self.topics or self.partitions, self.dsn)
+                kc = self._kafka_consumer()
+                log.info("inbox consumer %s starting: group %s, %s, PostgreSQL %s, %s", self.consumer,
+                         self.kafka_config["group_id"], self.pattern or self.topics or self.partitions, self.dsn,
+                         self.kafka_client)
                 loop = _PollLoop(self, kc, workers, self._control)
                 try:
                     if self.partitions:
@@ -249,6 +268,11 @@ class Runner:
         log.info("inbox consumer %s stopped: %d processed, %d duplicates suppressed, %d dead-lettered",
                  self.consumer, self.totals.processed, self.totals.duplicates, self.totals.dead_lettered)
         return self.totals
+
+    def _kafka_consumer(self):
+        if self.kafka_client == "confluent-kafka":
+            return _confluent().ConfluentConsumer(self.kafka_config)
+        return _no_topic_creation(KafkaConsumer(**self.kafka_config), self.kafka_config)
 
     def _serve_metrics(self):
         if self.metrics_port is None:
@@ -802,6 +826,16 @@ def run_consumer(runner: Runner) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _confluent():
+    """inbox.kafka_confluent, imported only when asked for: confluent-kafka is an optional extra."""
+    try:
+        from inbox import kafka_confluent
+    except ImportError as exc:
+        raise InboxError(f"kafka_client='confluent-kafka' needs confluent-kafka ({exc}): "
+                         f"pip install 'pg-outbox-relay[confluent]', or use kafka_client='kafka-python'") from None
+    return kafka_confluent
 
 
 def _no_topic_creation(kc: KafkaConsumer, config: dict) -> KafkaConsumer:

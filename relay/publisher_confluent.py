@@ -26,6 +26,7 @@ from typing import NamedTuple
 from confluent_kafka import KafkaError, KafkaException, Producer
 from kafka import errors as kerr
 
+from outbox.core import librdkafka
 from outbox.core.settings import Settings
 from relay.publisher import Fenced, compression, unreachable_hint
 
@@ -112,11 +113,9 @@ def producer_config(settings: Settings, transactional_id: str | None = None) -> 
 
 
 def security_config(settings: Settings) -> dict:
-    """Settings.kafka_security() (kafka-python names) in librdkafka's names."""
-    names = {"security_protocol": "security.protocol", "sasl_mechanism": "sasl.mechanism",
-             "sasl_plain_username": "sasl.username", "sasl_plain_password": "sasl.password",
-             "ssl_cafile": "ssl.ca.location"}
-    return {names[k]: v for k, v in settings.kafka_security().items()}
+    """Settings.kafka_security() (kafka-python names) in librdkafka's names (shared with the inbox's
+    consumer: outbox.core.librdkafka)."""
+    return librdkafka.security_config(settings.kafka_security())
 
 
 def _on_error(err: KafkaError) -> None:

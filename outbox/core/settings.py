@@ -362,8 +362,9 @@ SETTING_DOCS: dict[str, str] = {
     "kafka_sasl_username": "SASL user (required with a SASL_* protocol)",
     "kafka_sasl_password": "SASL password (required with a SASL_* protocol); masked in every log line",
     "kafka_ssl_cafile": "PEM file of the CA that signed the brokers' certificates; system CAs when unset",
-    "kafka_client": "the relay's Kafka producer: `confluent-kafka` (librdkafka, the `confluent` extra) moves the "
-                    "per-record cost out of Python; same partitions, delivery and exactly-once semantics",
+    "kafka_client": "the relay's Kafka producer and the inbox Runner's consumer (`Runner.from_settings`): "
+                    "`confluent-kafka` (librdkafka, the `confluent` extra) moves the per-record cost out of Python; "
+                    "same partitions, delivery and exactly-once semantics, positions still from PostgreSQL",
     "delivery": "`exactly-once` needs a broker with correct transactions (Apache Kafka)",
     "slot_name": "logical replication slot; relays with the same slot form one active/standby group",
     "publication": "publication over outbox.events",

@@ -12,7 +12,7 @@ import pytest
 
 from inbox import InboxError, Runner
 from outbox.core.settings import load_settings
-from tests.support.inbox import Background, caught_up, create_topic, deposit, headers_for, produce
+from tests.support.inbox import CLIENTS, Background, caught_up, create_topic, deposit, headers_for, produce
 
 DAY_MS = 86_400_000
 
@@ -74,13 +74,16 @@ def test_topic_with_infinite_retention_is_covered_only_by_an_inbox_that_is_never
     assert bg.stop().processed == 1
 
 
-def test_pattern_subscription_checks_each_topic_as_it_is_assigned_and_refuses_a_short_window(db, kafka, topic_prefix):
+@pytest.mark.parametrize("client", CLIENTS)
+def test_pattern_subscription_checks_each_topic_as_it_is_assigned_and_refuses_a_short_window(db, kafka, topic_prefix,
+                                                                                            client):
     topic = f"{topic_prefix}.deposits"
     create_topic(kafka, topic, configs={"retention.ms": str(3 * DAY_MS)})
     produce(kafka, topic, [(b"acc-1", deposit("acc-1", 1), headers_for(uuid.uuid4()))])
     handled = []
     bg = Background(Runner("windowed", lambda conn, msg: handled.append(msg), dsn=db, bootstrap=kafka,
-                           pattern=f"{topic_prefix}\\..*", poll_timeout_s=0.2, retention_window_s=86_400))
+                           pattern=f"{topic_prefix}\\..*", poll_timeout_s=0.2, retention_window_s=86_400,
+                           kafka_client=client))
     bg.thread.join(60)
     assert not bg.thread.is_alive(), "the runner kept running"
     assert len(bg.error) == 1 and isinstance(bg.error[0], InboxError), bg.error
@@ -88,7 +91,9 @@ def test_pattern_subscription_checks_each_topic_as_it_is_assigned_and_refuses_a_
     assert handled == []
 
 
-def test_runner_started_before_its_topic_exists_checks_the_window_once_the_relay_creates_it(db, kafka, topic_prefix):
+@pytest.mark.parametrize("client", CLIENTS)
+def test_runner_started_before_its_topic_exists_checks_the_window_once_the_relay_creates_it(db, kafka, topic_prefix,
+                                                                                           client):
     """A fresh `outbox demo` once stopped its shipping consumer: it started before the relay had
     created the topic, and an unreadable configuration counted as a short window. A topic that
     does not exist yet is checked when it is assigned, and the Runner does not create it."""
@@ -96,9 +101,9 @@ def test_runner_started_before_its_topic_exists_checks_the_window_once_the_relay
 
     short, fine = f"{topic_prefix}.later-short", f"{topic_prefix}.later-fine"
     refused = Background(Runner("windowed-short", lambda conn, msg: None, dsn=db, bootstrap=kafka, topics=[short],
-                                poll_timeout_s=0.2, retention_window_s=86_400))
+                                poll_timeout_s=0.2, retention_window_s=86_400, kafka_client=client))
     accepted = Background(Runner("windowed-fine", lambda conn, msg: None, dsn=db, bootstrap=kafka, topics=[fine],
-                                 poll_timeout_s=0.2, retention_window_s=6 * 86_400))
+                                 poll_timeout_s=0.2, retention_window_s=6 * 86_400, kafka_client=client))
     time.sleep(3)  # both subscribed to topics nobody created
     admin = KafkaAdminClient(bootstrap_servers=kafka)
     try:

@@ -8,11 +8,13 @@ import urllib.error
 import urllib.request
 import uuid
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from inbox import RetryPolicy, Runner
 from tests.support.helpers import wait_for
 from tests.support.inbox import (
+    CLIENTS,
     Background,
     apply_deposit,
     caught_up,
@@ -42,7 +44,8 @@ def samples(address) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(body.decode()) for s in family.samples}
 
 
-def test_metrics_server_counts_processed_duplicates_dead_letters_and_retries_exactly(db, kafka, topic_prefix):
+@pytest.mark.parametrize("client", CLIENTS)
+def test_metrics_server_counts_processed_duplicates_dead_letters_and_retries_exactly(db, kafka, topic_prefix, client):
     create_business_schema(db)
     topic = f"{topic_prefix}.deposits"
     create_topic(kafka, topic, partitions=1)
@@ -60,7 +63,7 @@ def test_metrics_server_counts_processed_duplicates_dead_letters_and_retries_exa
         apply_deposit(conn, msg)
 
     runner = Runner("metered", handler, dsn=db, bootstrap=kafka, topics=[topic], policy=FAST, poll_timeout_s=0.2,
-                    metrics_port=0, lag_interval_s=0.2)
+                    metrics_port=0, lag_interval_s=0.2, kafka_client=client)
     assert runner.metrics_address is None  # no server before run()
     bg = Background(runner)
     address = wait_for(lambda: runner.metrics_address, 30, "the metrics server to listen")

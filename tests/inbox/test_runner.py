@@ -18,6 +18,7 @@ from inbox import Handlers, RetryPolicy, Runner
 from outbox.cli import main as outbox_main
 from tests.support.helpers import wait_for
 from tests.support.inbox import (
+    CLIENTS,
     Background,
     apply_deposit,
     caught_up,
@@ -48,8 +49,9 @@ def counts(db, sql, *args):
         return conn.execute(sql, args).fetchall()
 
 
+@pytest.mark.parametrize("client", CLIENTS)
 @pytest.mark.parametrize("max_poll_records", [500, 1], ids=["one-poll", "poll-per-record"])
-def test_event_delivered_five_times_through_kafka_applies_once(db, kafka, topic_prefix, max_poll_records):
+def test_event_delivered_five_times_through_kafka_applies_once(db, kafka, topic_prefix, max_poll_records, client):
     create_business_schema(db)
     topic = f"{topic_prefix}.deposits"
     create_topic(kafka, topic, partitions=2)
@@ -65,7 +67,8 @@ def test_event_delivered_five_times_through_kafka_applies_once(db, kafka, topic_
         calls[msg.event_id] += 1
         apply_deposit(conn, msg)
 
-    bg = Background(runner(db, kafka, "billing", topic, handler, max_poll_records=max_poll_records))
+    bg = Background(runner(db, kafka, "billing", topic, handler, max_poll_records=max_poll_records,
+                           kafka_client=client))
     caught_up(db, "billing", kafka, topic)
     totals = bg.stop()
     assert calls == {dup: 1, a: 1, b: 1}
@@ -75,7 +78,45 @@ def test_event_delivered_five_times_through_kafka_applies_once(db, kafka, topic_
     assert (totals.processed, totals.duplicates, totals.dead_lettered) == (3, 4, 0)
 
 
-def test_positions_come_from_postgresql_and_are_copied_to_the_kafka_group(db, kafka, topic_prefix):
+@pytest.mark.parametrize("client", CLIENTS)
+def test_redelivered_events_apply_once_and_each_partition_reaches_the_handler_in_order(db, kafka, topic_prefix, client):
+    """300 events over 3 partitions, 30 of them delivered a second time further down their partition
+    (a relay restart): each event reaches the handler once, each partition's records in offset order
+    with no gap but the suppressed duplicates, and the counters are exact."""
+    create_business_schema(db)
+    topic = f"{topic_prefix}.deposits"
+    create_topic(kafka, topic, partitions=3)
+    events = [(uuid.uuid4(), f"acc-{i % 6}") for i in range(300)]
+    sends = [(a.encode(), deposit(a, 1), headers_for(e, a)) for e, a in events]
+    sends += [(a.encode(), deposit(a, 1), headers_for(e, a)) for e, a in events[100:130]]
+    produce(kafka, topic, sends)
+    ends = end_offsets(kafka, topic)
+    assert sum(ends.values()) == 330
+    seen: dict[int, list[int]] = {}
+    calls = Counter()
+
+    def handler(conn, msg):
+        seen.setdefault(msg.partition, []).append(msg.offset)
+        calls[msg.event_id] += 1
+        apply_deposit(conn, msg)
+
+    bg = Background(runner(db, kafka, "ordered", topic, handler, max_poll_records=50, kafka_client=client))
+    caught_up(db, "ordered", kafka, topic)
+    totals = bg.stop()
+    assert calls == {e: 1 for e, _ in events}
+    assert (totals.processed, totals.duplicates, totals.dead_lettered) == (300, 30, 0)
+    # The handler saw every partition in strictly increasing offsets: the originals come first in
+    # each partition, so what it saw is offsets 0 .. (partition's originals - 1), in order.
+    assert {p: offsets == list(range(len(offsets))) for p, offsets in seen.items()} == {0: True, 1: True, 2: True}
+    assert sum(len(offsets) for offsets in seen.values()) == 300
+    assert counts(db, "SELECT count(*), count(DISTINCT event_id), sum(amount)::int FROM applied") == [(300, 300, 300)]
+    assert counts(db, "SELECT sum(duplicates)::int FROM outbox.inbox_messages") == [(30,)]
+    assert dict(counts(db, "SELECT kafka_partition, next_offset FROM outbox.inbox_offsets WHERE consumer = 'ordered'")) \
+        == {p: n for p, n in ends.items() if n}
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_positions_come_from_postgresql_and_are_copied_to_the_kafka_group(db, kafka, topic_prefix, client):
     """Rewind the Kafka group to 0 behind the consumer's back: a restart must resume from
     PostgreSQL's offsets (no record handed over again, none suppressed), not from Kafka's."""
     create_business_schema(db)
@@ -88,7 +129,7 @@ def test_positions_come_from_postgresql_and_are_copied_to_the_kafka_group(db, ka
         calls[msg.offset] += 1
         apply_deposit(conn, msg)
 
-    bg = Background(runner(db, kafka, "ledger", topic, handler))
+    bg = Background(runner(db, kafka, "ledger", topic, handler, kafka_client=client))
     caught_up(db, "ledger", kafka, topic)
     bg.stop()
     tp = TopicPartition(topic, 0)
@@ -99,7 +140,7 @@ def test_positions_come_from_postgresql_and_are_copied_to_the_kafka_group(db, ka
     group.close()
 
     produce(kafka, topic, [(b"acc-1", deposit("acc-1", 1), headers_for(uuid.uuid4())) for _ in range(3)])
-    bg = Background(runner(db, kafka, "ledger", topic, handler))
+    bg = Background(runner(db, kafka, "ledger", topic, handler, kafka_client=client))
     caught_up(db, "ledger", kafka, topic)
     totals = bg.stop()
     assert (totals.processed, totals.duplicates) == (3, 0)
@@ -167,7 +208,8 @@ def test_poison_records_are_dead_lettered_the_partition_continues_and_replay_wor
     assert "no dead letters for consumer ledger" in capsys.readouterr().out
 
 
-def test_manual_assignment_seeks_to_stored_offsets(db, kafka, topic_prefix):
+@pytest.mark.parametrize("client", CLIENTS)
+def test_manual_assignment_seeks_to_stored_offsets(db, kafka, topic_prefix, client):
     create_business_schema(db)
     topic = f"{topic_prefix}.deposits"
     create_topic(kafka, topic, partitions=2)
@@ -175,21 +217,23 @@ def test_manual_assignment_seeks_to_stored_offsets(db, kafka, topic_prefix):
                            for i in range(10)])
     ends = end_offsets(kafka, topic)
     bg = Background(Runner("pinned", apply_deposit, dsn=db, bootstrap=kafka, partitions=[(topic, 0), (topic, 1)],
-                           group_id=None, poll_timeout_s=0.2))
+                           group_id=None, poll_timeout_s=0.2, kafka_client=client))
     caught_up(db, "pinned", kafka, topic)
     assert bg.stop().processed == 10
     # No group, so no Kafka offsets: only PostgreSQL knows where this consumer is.
     produce(kafka, topic, [(b"acc-1", deposit("acc-1", 1), headers_for(uuid.uuid4()))] * 2)
     bg = Background(Runner("pinned", apply_deposit, dsn=db, bootstrap=kafka, partitions=[(topic, 0), (topic, 1)],
-                           group_id=None, poll_timeout_s=0.2))
+                           group_id=None, poll_timeout_s=0.2, kafka_client=client))
     caught_up(db, "pinned", kafka, topic)
     totals = bg.stop()
     assert (totals.processed, totals.duplicates) == (1, 1)  # the same event twice, nothing older re-read
     assert sum(ends.values()) == 10
 
 
+@pytest.mark.parametrize("client", CLIENTS)
 @pytest.mark.parametrize("parallel", [1, 2], ids=["one-worker", "parallel-partitions-typed-handlers"])
-def test_rebalance_between_two_instances_hands_partitions_over_without_overlap(db, kafka, topic_prefix, parallel):
+def test_rebalance_between_two_instances_hands_partitions_over_without_overlap(db, kafka, topic_prefix, parallel,
+                                                                               client):
     """A second instance joins mid-load: the first finishes and commits its batch in flight before
     giving partitions up, the second resumes from PostgreSQL's offsets. Nothing is handed to a
     handler twice (not even a suppressed duplicate), nothing is skipped."""
@@ -211,9 +255,11 @@ def test_rebalance_between_two_instances_hands_partitions_over_without_overlap(d
     if parallel > 1:  # and dispatch by event type, the payload validated first
         handle = Handlers()
         handle.on("Deposited", Deposited)(lambda conn, msg, deposited: slow(conn, msg))
-    first = Background(runner(db, kafka, "shared", topic, handle, max_poll_records=20, parallel_partitions=parallel))
+    first = Background(runner(db, kafka, "shared", topic, handle, max_poll_records=20, parallel_partitions=parallel,
+                              kafka_client=client))
     wait_for(lambda: first.runner.totals.processed >= 60, 30, "the first instance to make progress")
-    second = Background(runner(db, kafka, "shared", topic, handle, max_poll_records=20, parallel_partitions=parallel))
+    second = Background(runner(db, kafka, "shared", topic, handle, max_poll_records=20, parallel_partitions=parallel,
+                               kafka_client=client))
     wait_for(lambda: second.runner.totals.processed > 0, 60, "the second instance to get partitions")
     caught_up(db, "shared", kafka, topic)
     a, b = first.stop(), second.stop()
@@ -223,7 +269,8 @@ def test_rebalance_between_two_instances_hands_partitions_over_without_overlap(d
 
 
 @pytest.mark.timeout(180)
-def test_runner_survives_a_postgresql_restart_and_resumes_from_the_stored_offsets(kafka, topic_prefix, caplog):
+@pytest.mark.parametrize("client", CLIENTS)
+def test_runner_survives_a_postgresql_restart_and_resumes_from_the_stored_offsets(kafka, topic_prefix, caplog, client):
     """PostgreSQL goes away under a running Runner (mid-batch, with records still arriving) and comes
     back on the same port. The Runner must not exit: it reconnects and resumes from the offsets
     stored in PostgreSQL, so every event is applied exactly once. A server of its own, so that
@@ -255,7 +302,7 @@ def test_runner_survives_a_postgresql_restart_and_resumes_from_the_stored_offset
             return counts(db, "SELECT count(*) FROM applied")[0][0]
 
         with caplog.at_level("INFO", logger="inbox"):
-            bg = Background(runner(db, kafka, "restart", topic, handler, max_poll_records=50))
+            bg = Background(runner(db, kafka, "restart", topic, handler, max_poll_records=50, kafka_client=client))
             wait_for(lambda: applied_count() >= 100, 60, "the runner to make progress")
             pg.stop()
             produce(kafka, topic, [(a.encode(), deposit(a, 1), headers_for(e, a)) for e, a in second])

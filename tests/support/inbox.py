@@ -14,6 +14,9 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from outbox.core.envelope import build_headers
 from tests.support.helpers import wait_for
 
+# The Runner's Kafka clients (Runner(kafka_client=...)); tests that run on both parametrize with these.
+CLIENTS = ["kafka-python", "confluent-kafka"]
+
 # Balances are incremented and every application is logged; neither has a unique constraint, so an
 # event applied twice shows up as a wrong balance and a repeated ledger row.
 BUSINESS_SCHEMA = """

@@ -1,7 +1,7 @@
 """A consumer process for the crash tests: applies deposits through the inbox Runner.
 
     python -m tests.workers.inbox_worker --topic T --consumer C [--kill-after N] [--handler-sleep-ms X]
-                                         [--parallel N] [--typed]
+                                         [--parallel N] [--typed] [--client kafka-python|confluent-kafka]
 
 The database and broker come from OUTBOX_DATABASE_URL / OUTBOX_KAFKA_BOOTSTRAP (not argv, which
 `ps` shows to everyone). --kill-after N makes the process SIGKILL itself right after the N-th
@@ -42,6 +42,7 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=1, help="Runner(parallel_partitions=N)")
     parser.add_argument("--typed", action="store_true",
                         help="dispatch through Handlers with a pydantic model per event type")
+    parser.add_argument("--client", default="kafka-python", help="Runner(kafka_client=...)")
     args = parser.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # tests.workers.process dumps a hung worker
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
@@ -70,7 +71,8 @@ def main() -> int:
         handle = handler
     runner = Runner(args.consumer, handle, dsn=settings.require_database_url(), bootstrap=settings.kafka_servers,
                     topics=[args.topic], max_poll_records=args.poll_records, poll_timeout_s=0.2,
-                    parallel_partitions=args.parallel, fetch_stall_s=10,  # well inside the tests' 60 s waits
+                    parallel_partitions=args.parallel, kafka_client=args.client,
+                    fetch_stall_s=10,  # well inside the tests' 60 s waits
                     policy=RetryPolicy(max_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.05),
                     # Static membership: a restarted worker takes its partitions back at once instead
                     # of waiting for the killed member's session to time out.
