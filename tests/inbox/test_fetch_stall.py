@@ -11,12 +11,14 @@ import time
 import uuid
 
 import psycopg
+import pytest
 from kafka import KafkaConsumer
 from kafka.consumer.fetcher import Fetcher
 
 from inbox import Runner
 from tests.support.helpers import wait_for
 from tests.support.inbox import (
+    CLIENTS,
     Background,
     apply_deposit,
     caught_up,
@@ -75,8 +77,9 @@ def test_partition_kafka_python_stops_fetching_is_sought_again_and_drained(db, k
     assert value == 1
 
 
+@pytest.mark.parametrize("client", CLIENTS)
 def test_caught_up_partition_ending_in_a_transaction_marker_shows_no_lag_and_no_stall(db, kafka, topic_prefix,
-                                                                                     caplog):
+                                                                                     caplog, client):
     """The relay's exactly-once mode ends every partition with a commit marker, one offset past the
     last record: a caught-up Runner must not see it as a record waiting."""
     from kafka import KafkaProducer
@@ -95,7 +98,7 @@ def test_caught_up_partition_ending_in_a_transaction_marker_shows_no_lag_and_no_
     producer.close()
 
     runner = Runner("marker", apply_deposit, dsn=db, bootstrap=kafka, topics=[topic], poll_timeout_s=0.2,
-                    lag_interval_s=0.3, fetch_stall_s=1)
+                    lag_interval_s=0.3, fetch_stall_s=1, kafka_client=client, group_id=f"marker-{client}")
     with caplog.at_level(logging.WARNING, logger="inbox"):
         bg = Background(runner)
         try:
