@@ -63,10 +63,12 @@ log = logging.getLogger("inbox")
 DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
 KAFKA_COMMIT_INTERVAL_S = 1.0
 # kafka-python 3.0 has had fetch stalls: an assigned partition with records waiting that poll()
-# never returns again (dpkp/kafka-python#3106, #3131; one hit our CI). A partition behind its end
-# offset that returned nothing for this long is sought to its own position, which restarts its
-# fetch state; the seek is harmless when nothing was wrong.
-FETCH_STALL_S = 30.0
+# never returns (dpkp/kafka-python#3106, #3131; twice in our CI, both right after a fresh group's
+# first assignment). When polls returned nothing at all for this long, a partition behind its end
+# offset is sought to its own position, which restarts its fetch state; the seek skips nothing.
+# Measured on idle polls, not per partition: a consumer busy with other partitions' records (a slow
+# handler, a large poll) is not stalled, it has not come round to that partition yet.
+FETCH_STALL_S = 10.0
 LAG_TIMEOUT_MS = 2_000  # one end-offsets request for the lag gauge; skipped (logged at debug) past it
 RECONNECT_BACKOFF_S = (0.5, 10.0)  # first wait, cap; doubling while PostgreSQL stays unreachable
 _by_partition = operator.itemgetter(0)
@@ -117,9 +119,9 @@ class Runner:
                     poll is one transaction, and the next poll waits for all of them: per-partition
                     order and the one-transaction guarantee hold as with 1 (the default). Pays off
                     when handlers wait on I/O; the handler must be thread-safe
-        fetch_stall_s  a partition with records waiting that returned none for this long (checked
-                    every lag_interval_s) is sought to its position again, with a warning: a guard
-                    against fetch stalls in kafka-python 3.0
+        fetch_stall_s  when polls returned no records for this long (checked every lag_interval_s),
+                    a partition with records waiting is sought to its position again, with a
+                    warning: a guard against fetch stalls in kafka-python 3.0
         kafka_client  "kafka-python" (default) or "confluent-kafka" (librdkafka: records are fetched and
                     decoded in C; the `confluent` extra). kafka_config stays in kafka-python's option
                     names either way (translated; librdkafka's own dotted names pass through)"""
@@ -418,7 +420,7 @@ class _PollLoop:
         # since): what the lag gauge subtracts from the end offsets.
         self.positions: dict[TopicPartition, int] = {}
         self.last_lag = 0.0
-        self.last_records: dict[TopicPartition, float] = {}  # when poll last returned records, per partition
+        self.last_records = time.monotonic()  # when a poll last returned records (or partitions were assigned)
 
     def run(self) -> None:
         kc, control = self.kc, self.control
@@ -428,10 +430,8 @@ class _PollLoop:
             if self.outage is not None:
                 self._reconnect()
             polled = kc.poll(timeout_ms=self.runner.poll_timeout_ms)
-            now = time.monotonic()
-            for tp, batch in polled.items():
-                if batch:
-                    self.last_records[tp] = now
+            if polled:
+                self.last_records = time.monotonic()
             self._settle()
             metrics.assigned_partitions = len(kc.assignment())
             if time.monotonic() - self.last_lag >= self.runner.lag_interval_s:
@@ -484,7 +484,7 @@ class _PollLoop:
         per message. `pending`: partitions whose polled records are not handed to a worker yet."""
         now = self.last_lag = time.monotonic()
         assigned = self.kc.assignment()
-        quiet = [tp for tp in assigned if now - self.last_records.setdefault(tp, now) >= self.runner.fetch_stall_s]
+        quiet = list(assigned) if now - self.last_records >= self.runner.fetch_stall_s else []
         asked = [tp for tp in assigned if tp in self.positions or tp in quiet]
         if not asked:
             self.metrics.set_lag({})
@@ -517,8 +517,9 @@ class _PollLoop:
             return None
 
     def _unstall(self, quiet, ends, now) -> None:
-        """Seek partitions that have records waiting but returned none for fetch_stall_s."""
+        """Seek partitions that have records waiting while polls returned none for fetch_stall_s."""
         paused = self.kc.paused()
+        sought = False
         for tp in quiet:
             if tp in paused or ends.get(tp) is None:
                 continue
@@ -533,10 +534,12 @@ class _PollLoop:
                 continue  # caught up, or nothing known to seek to
             log.warning("consumer %s: %s[%d] returned no records for %.0f s although %d are waiting from offset %d; "
                         "seeking to %d again to restart its fetch", self.consumer, tp.topic, tp.partition,
-                        now - self.last_records[tp], ends[tp] - target, target, target)
+                        now - self.last_records, ends[tp] - target, target, target)
             self.kc.seek(tp, target)
             self.metrics.fetch_restarts.labels(self.consumer, tp.topic).inc()
-            self.last_records[tp] = now
+            sought = True
+        if sought:
+            self.last_records = now  # a fresh period for the sought partitions to return something
 
     def _absorb(self, result: BatchResult | None, revoked=frozenset()) -> None:
         if result is None:
@@ -629,6 +632,7 @@ class _PollLoop:
                  now - outage.since, sorted(wanted),
                  {f"{t}[{p}]": o for (t, p), o in sorted(stored.items())} or "Kafka's positions (none stored)")
         self.outage = None
+        self.last_records = time.monotonic()  # paused until now: not a stall
 
     # ----- partition assignment (from _Rebalance inside poll, or run() for fixed partitions)
 
@@ -636,7 +640,6 @@ class _PollLoop:
         """Let the batch in flight finish and commit before the partitions go to their new owner."""
         for tp in revoked:
             self.positions.pop(tp, None)
-            self.last_records.pop(tp, None)
         self.metrics.forget_partitions((tp.topic, tp.partition) for tp in revoked)
         batches = self.in_flight.take()
         if not batches:
@@ -671,9 +674,7 @@ class _PollLoop:
         for (topic, part), offset in stored.items():
             kc.seek(TopicPartition(topic, part), offset)
             self.positions[TopicPartition(topic, part)] = offset
-        now = time.monotonic()
-        for tp in assigned:
-            self.last_records[tp] = now
+        self.last_records = time.monotonic()
         self.metrics.database_ok = True
         self.last_lag = 0.0  # refresh the lag gauge at the next turn
         log.info("consumer %s assigned %s; positions from PostgreSQL: %s", self.consumer,

@@ -39,8 +39,8 @@ class InboxMetrics:
         self.retries = Counter("outbox_inbox_handler_retries",
                                "Failed handler attempts that are retried after a backoff", labels, registry=r)
         self.fetch_restarts = Counter("outbox_inbox_fetch_restarts",
-                                      "Partitions sought to their own position because they had records waiting "
-                                      "but returned none for fetch_stall_s (a Kafka client fetch stall)",
+                                      "Partitions sought to their own position because they had records waiting while polls "
+                                      "returned none for fetch_stall_s (a Kafka client fetch stall)",
                                       labels, registry=r)
         self.transactions = Counter("outbox_inbox_transactions", "PostgreSQL transactions committed",
                                     ["consumer"], registry=r)
