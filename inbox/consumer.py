@@ -50,7 +50,7 @@ from kafka.structs import OffsetAndMetadata
 from inbox import horizon, store
 from inbox.errors import InboxError
 from inbox.metrics import InboxMetrics
-from inbox.plan import plan_batch
+from inbox.plan import Plan, plan_batch
 from inbox.process import BatchResult, Handler, check_consumer_name, process
 from inbox.replay import replay_requested
 from inbox.retry import DEFAULT_POLICY, RetryPolicy
@@ -432,35 +432,48 @@ class _PollLoop:
             polled = kc.poll(timeout_ms=self.runner.poll_timeout_ms)
             if polled:
                 self.last_records = time.monotonic()
+            # Planned while the worker still runs the previous batch: planning after _settle() would
+            # leave the worker idle for it (~1.5 us a record). Redone in the rare case _settle()
+            # rewinds one of these partitions.
+            planned = self._plan(polled)
             self._settle()
             metrics.assigned_partitions = len(kc.assignment())
             if time.monotonic() - self.last_lag >= self.runner.lag_interval_s:
                 self._refresh_lag(pending={tp for tp, batch in polled.items() if batch})
-            # Partition order, not poll order: every instance locks rows in the same order (see
-            # process.lock_order); sorting the few partitions keeps each one's records in order.
-            batches = [(tp, batch) for tp, batch in sorted(polled.items(), key=_by_partition)
-                       if batch and (tp.topic, tp.partition) not in self.rewound]
-            self.rewound.clear()
+            if self.rewound:
+                if any((tp.topic, tp.partition) in self.rewound for tp in polled):
+                    planned = self._plan(polled, skip=self.rewound)
+                self.rewound.clear()
             if self.outage is not None:
-                for tp, batch in batches:  # dropped: refetched once the database is back
-                    self.outage.note(tp, batch[0].offset)
+                for group, _, _ in planned:  # dropped: refetched once the database is back
+                    for tp, batch in group:
+                        self.outage.note(tp, batch[0].offset)
                 continue
             check_replays = self.worker.replay_due()
             submitted = []
-            for worker, group in zip(self.workers, _split(batches, len(self.workers))):
-                records = [r for _, batch in group for r in batch]
+            for worker, (group, records, plan) in zip(self.workers, planned or [([], [], None)]):
                 replays = check_replays and worker is self.worker
                 if records or replays:
-                    # Planning (envelope parsing) runs here, not on the worker: the worker then holds
-                    # the GIL only briefly, so this thread's many short hand-offs to kafka-python's IO
-                    # thread are not kept waiting behind it.
-                    plan = plan_batch(records) if records else None
                     future = worker.submit(records, plan, replays)
                     submitted.append(_Submitted(future, {tp: batch[0].offset for tp, batch in group}))
             if submitted:
                 self.in_flight.put(submitted)
         self._settle()
         self._commit_to_kafka(wait=True)
+
+    def _plan(self, polled, skip=frozenset()) -> list[tuple[list, list, Plan | None]]:
+        """(partitions, records, plan) per worker. Partition order, not poll order: every instance
+        locks rows in the same order (see process.lock_order); sorting the few partitions keeps each
+        one's records in order. Planning (envelope parsing) runs on this thread, not the worker's:
+        the worker then holds the GIL only briefly, so this thread's many short hand-offs to the
+        Kafka client's IO are not kept waiting behind it."""
+        batches = [(tp, batch) for tp, batch in sorted(polled.items(), key=_by_partition)
+                   if batch and (tp.topic, tp.partition) not in skip]
+        out = []
+        for group in _split(batches, len(self.workers)):
+            records = [r for _, batch in group for r in batch]
+            out.append((group, records, plan_batch(records) if records else None))
+        return out
 
     def _settle(self) -> None:
         """Wait for the batches in flight; then rewind what they left and copy their offsets to Kafka."""

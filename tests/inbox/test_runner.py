@@ -208,6 +208,33 @@ def test_poison_records_are_dead_lettered_the_partition_continues_and_replay_wor
     assert "no dead letters for consumer ledger" in capsys.readouterr().out
 
 
+def test_dead_letter_replay_is_served_while_idle_with_parallel_partitions(db, kafka, topic_prefix, monkeypatch,
+                                                                          capsys):
+    # With several workers an empty poll used to submit nothing at all, so a replay requested while
+    # the topic was quiet waited for the next record to arrive.
+    create_business_schema(db)
+    topic = f"{topic_prefix}.deposits"
+    create_topic(kafka, topic, partitions=2)
+    poison = uuid.uuid4()
+    produce(kafka, topic, [(b"acc-1", deposit("acc-1", 1), headers_for(poison))])
+    broken = {"on": True}
+
+    def handler(conn, msg):
+        if broken["on"]:
+            raise RuntimeError("ledger rejects this deposit")
+        apply_deposit(conn, msg)
+
+    bg = Background(runner(db, kafka, "ledger", topic, handler, replay_check_s=0.1, parallel_partitions=2))
+    caught_up(db, "ledger", kafka, topic)
+    [(dead_id,)] = counts(db, "SELECT id FROM outbox.inbox_dead_letters WHERE status = 'dead'")
+    broken["on"] = False
+    monkeypatch.setenv("OUTBOX_DATABASE_URL", db.secret())
+    assert outbox_main(["inbox", "replay", "--consumer", "ledger", "--id", str(dead_id), "--wait", "20"]) == 0
+    assert f"dead letter {dead_id}: replayed" in capsys.readouterr().out
+    bg.stop()
+    assert counts(db, "SELECT event_id FROM applied") == [(poison,)]
+
+
 @pytest.mark.parametrize("client", CLIENTS)
 def test_manual_assignment_seeks_to_stored_offsets(db, kafka, topic_prefix, client):
     create_business_schema(db)
