@@ -10,7 +10,10 @@ zstd like the relay's `compression=auto`), then alternates: a bare consume loop 
 body, and the inbox Runner with an empty handler (every record deduplicated in PostgreSQL, one
 transaction per poll). Each inbox round is a new consumer, so every record is new to it. Rates are
 measured from the first record to the last one consumed (bare) or committed in PostgreSQL
-(inbox). Prints the medians and their ratio and saves JSON under bench/results/.
+(inbox). A third kind, "pg floor", runs only the inbox's own transaction per batch (BEGIN, the
+batch statement, COMMIT) on one connection over the same records, fetched and planned beforehand:
+the rate PostgreSQL allows, which the Runner approaches but cannot pass. Prints the medians and
+their ratios and saves JSON under bench/results/.
 
 With --client kafka-python,confluent-kafka the Runner runs on each Kafka client in turn (same
 topic, same records, empty handler), next to the bare loops of both clients; it prints each
@@ -85,10 +88,15 @@ def fill(bootstrap: str, topic: str, records: int) -> tuple[float, int]:
     return records / (time.monotonic() - started), size
 
 
+def _kafka_python(bootstrap: str, topic: str, poll_records: int, group_prefix: str) -> KafkaConsumer:
+    """A new group reading the topic from the start, with the Runner's consumer settings."""
+    return KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"{group_prefix}-{uuid.uuid4().hex[:8]}",
+                         enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=poll_records,
+                         isolation_level="read_committed")
+
+
 def bare(bootstrap: str, topic: str, records: int, poll_records: int) -> float:
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"bare-{uuid.uuid4().hex[:8]}",
-                             enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=poll_records,
-                             isolation_level="read_committed")
+    consumer = _kafka_python(bootstrap, topic, poll_records, "bare")
     got, first = 0, None
     try:
         while got < records:
@@ -126,9 +134,7 @@ def bare_confluent(bootstrap: str, topic: str, records: int, poll_records: int) 
 
 def fetch_batches(bootstrap: str, topic: str, records: int, poll_records: int) -> list[list]:
     """All records, in the batches one kafka-python consumer polls them in (for pg_floor)."""
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"fetch-{uuid.uuid4().hex[:8]}",
-                             enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=poll_records,
-                             isolation_level="read_committed")
+    consumer = _kafka_python(bootstrap, topic, poll_records, "fetch")
     batches, got = [], 0
     try:
         while got < records:

@@ -440,10 +440,9 @@ class _PollLoop:
             metrics.assigned_partitions = len(kc.assignment())
             if time.monotonic() - self.last_lag >= self.runner.lag_interval_s:
                 self._refresh_lag(pending={tp for tp, batch in polled.items() if batch})
-            if self.rewound:
-                if any((tp.topic, tp.partition) in self.rewound for tp in polled):
-                    planned = self._plan(polled, skip=self.rewound)
-                self.rewound.clear()
+            if any((tp.topic, tp.partition) in self.rewound for tp in polled):
+                planned = self._plan(polled, skip=self.rewound)
+            self.rewound.clear()
             if self.outage is not None:
                 for group, _, _ in planned:  # dropped: refetched once the database is back
                     for tp, batch in group:
@@ -451,7 +450,7 @@ class _PollLoop:
                 continue
             check_replays = self.worker.replay_due()
             submitted = []
-            for worker, (group, records, plan) in zip(self.workers, planned or [([], [], None)]):
+            for worker, (group, records, plan) in zip(self.workers, planned):
                 replays = check_replays and worker is self.worker
                 if records or replays:
                     future = worker.submit(records, plan, replays)
@@ -814,8 +813,9 @@ class _LosingConnection:
 
 def _split(batches: list, n: int) -> list[list]:
     """Partitions of one poll into at most n groups of about equal record counts, each group in
-    partition order (the lock order of process()); a partition is never split."""
-    if n == 1:
+    partition order (the lock order of process()); a partition is never split. An empty poll is one
+    empty group, so the first worker still checks for replay requests while the topic is quiet."""
+    if n == 1 or not batches:
         return [batches]
     groups: list[list] = [[] for _ in range(n)]
     loads = [0] * n
