@@ -440,9 +440,10 @@ class _PollLoop:
             metrics.assigned_partitions = len(kc.assignment())
             if time.monotonic() - self.last_lag >= self.runner.lag_interval_s:
                 self._refresh_lag(pending={tp for tp, batch in polled.items() if batch})
-            if any((tp.topic, tp.partition) in self.rewound for tp in polled):
-                planned = self._plan(polled, skip=self.rewound)
-            self.rewound.clear()
+            if self.rewound:  # rare: most turns skip the scan over the polled partitions
+                if any((tp.topic, tp.partition) in self.rewound for tp in polled):
+                    planned = self._plan(polled, skip=self.rewound)
+                self.rewound.clear()
             if self.outage is not None:
                 for group, _, _ in planned:  # dropped: refetched once the database is back
                     for tp, batch in group:
