@@ -47,7 +47,7 @@ from kafka.admin import KafkaAdminClient
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
-from inbox import horizon, store
+from inbox import horizon, kafka_python, store
 from inbox.errors import InboxError
 from inbox.metrics import InboxMetrics
 from inbox.plan import Plan, plan_batch
@@ -274,7 +274,7 @@ class Runner:
     def _kafka_consumer(self):
         if self.kafka_client == "confluent-kafka":
             return _confluent().ConfluentConsumer(self.kafka_config)
-        return _no_topic_creation(KafkaConsumer(**self.kafka_config), self.kafka_config)
+        return kafka_python.consumer(self.kafka_config)
 
     def _serve_metrics(self):
         if self.metrics_port is None:
@@ -851,14 +851,3 @@ def _confluent():
         raise InboxError(f"kafka_client='confluent-kafka' needs confluent-kafka ({exc}): "
                          f"pip install 'pg-outbox-relay[confluent]', or use kafka_client='kafka-python'") from None
     return kafka_confluent
-
-
-def _no_topic_creation(kc: KafkaConsumer, config: dict) -> KafkaConsumer:
-    """kafka-python 3.0 accepts allow_auto_create_topics but builds its cluster metadata without
-    it, so every metadata request still asks the broker to create missing subscribed topics
-    (with one partition and the broker's replication factor). Hand the setting on ourselves;
-    tests/inbox/test_dedupe_window.py fails if a Runner creates its topic."""
-    cluster = getattr(getattr(kc, "_client", None), "cluster", None)
-    if cluster is not None and "allow_auto_create_topics" in getattr(cluster, "config", {}):
-        cluster.config["allow_auto_create_topics"] = config["allow_auto_create_topics"]
-    return kc

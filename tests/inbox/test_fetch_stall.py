@@ -113,3 +113,64 @@ def test_caught_up_partition_ending_in_a_transaction_marker_shows_no_lag_and_no_
     assert [r.getMessage() for r in caplog.records if "to restart its fetch" in r.getMessage()] == []
     assert runner.metrics.registry.get_sample_value("outbox_inbox_fetch_restarts_total",
                                                     {"consumer": "marker", "topic": topic}) is None
+
+
+def test_partitions_added_while_a_sync_group_outlasts_a_poll_do_not_leave_kafka_python_fetching_nothing(
+        db, kafka, topic_prefix, monkeypatch):
+    """Partitions added to a subscribed topic start a rebalance that kafka-python 3.0.12 drives
+    only while need_rejoin() holds, and the leader's own assignment makes it false mid-round. When a
+    poll's timeout ends before SyncGroup answers (the broker is slow, or our revoke listener took
+    the poll's time), the next poll never collected the assignment: every partition stayed pending
+    revocation and nothing was fetched again (one CI run in three). SyncGroup is delayed here by
+    longer than a poll, so the round always outlasts one."""
+    from kafka.admin import KafkaAdminClient, NewPartitions
+    from kafka.net.manager import KafkaConnectionManager
+
+    create_business_schema(db)
+    topic = f"{topic_prefix}.deposits"
+    create_topic(kafka, topic, partitions=2)
+    before = {p: [uuid.uuid4() for _ in range(10)] for p in (0, 1)}
+    after = {p: [uuid.uuid4() for _ in range(10)] for p in (0, 1, 2)}
+
+    def send(events: dict) -> None:
+        for p, ids in events.items():
+            produce(kafka, topic, [(f"acc-{p}".encode(), deposit(f"acc-{p}", 1), headers_for(e, f"acc-{p}"))
+                                   for e in ids], partition=p)
+
+    send(before)
+    slow_sync = {"armed": False, "delayed": 0}
+    real_send = KafkaConnectionManager.send
+
+    def delay_sync_group(self, request, *args, **kwargs):
+        if not (slow_sync["armed"] and type(request).__name__ == "SyncGroupRequest"):
+            return real_send(self, request, *args, **kwargs)
+        slow_sync["delayed"] += 1
+
+        async def late():
+            await self._net.sleep(1.5)  # several 0.2 s polls end meanwhile
+            return await real_send(self, request, *args, **kwargs)
+        return late()
+
+    monkeypatch.setattr(KafkaConnectionManager, "send", delay_sync_group)
+    runner = Runner("regrown", apply_deposit, dsn=db, bootstrap=kafka, topics=[topic], poll_timeout_s=0.2,
+                    kafka_client="kafka-python", kafka_config={"metadata_max_age_ms": 500})
+    bg = Background(runner)
+    try:
+        wait_for(lambda: runner.totals.processed == 20, 60, "the first 20 events")
+        slow_sync["armed"] = True
+        admin = KafkaAdminClient(bootstrap_servers=kafka)
+        try:
+            admin.create_partitions({topic: NewPartitions(3)})
+        finally:
+            admin.close()
+        send(after)
+        caught_up(db, "regrown", kafka, topic, timeout=45)
+    finally:
+        totals = bg.stop()
+    assert slow_sync["delayed"] >= 1, "no rebalance happened: the test proved nothing"
+    assert totals.processed == 50 and totals.duplicates == 0
+    with psycopg.connect(db.secret()) as conn:
+        applied = [r[0] for r in conn.execute("SELECT event_id FROM applied ORDER BY at")]
+    assert sorted(applied) == sorted(before[0] + before[1] + after[0] + after[1] + after[2])
+    for p in (0, 1):
+        assert [e for e in applied if e in set(before[p] + after[p])] == before[p] + after[p]
