@@ -14,7 +14,14 @@ from outbox.core.redact import Dsn
 from outbox.core.settings import load_settings
 from outbox.devstack.stack import DevStack, StackUrls
 from tests.support.databases import drop_database
+from tests.support.inbox import stop_leftover_runners
 from tests.support.paths import REPO, TEMPLATE_DB, TEST_STACK_DIR
+
+
+@pytest.fixture(autouse=True)
+def _no_runner_outlives_its_test():
+    yield
+    stop_leftover_runners()
 
 
 @pytest.fixture(scope="session")

@@ -100,6 +100,19 @@ def stored_offsets(dsn, consumer: str, topic: str) -> dict[int, int]:
                                  "WHERE consumer = %s AND topic = %s", (consumer, topic)).fetchall())
 
 
+_started: list["Background"] = []  # stopped after each test (tests/conftest.py), even one that failed midway
+
+
+def stop_leftover_runners() -> None:
+    """A test that fails before its stop() would leave its Runner polling, and logging into the
+    next tests' output, for the rest of the session."""
+    while _started:
+        bg = _started.pop()
+        if bg.thread.is_alive():
+            bg.runner.stop()
+            bg.thread.join(30)
+
+
 @dataclass
 class Background:
     """A Runner on a thread, so a test can watch the database while it works."""
@@ -117,6 +130,7 @@ class Background:
 
         self.thread = threading.Thread(target=target, daemon=True)
         self.thread.start()
+        _started.append(self)
 
     def stop(self, timeout: float = 30):
         self.runner.stop()
