@@ -421,6 +421,7 @@ class _PollLoop:
         self.positions: dict[TopicPartition, int] = {}
         self.last_lag = 0.0
         self.last_records = time.monotonic()  # when a poll last returned records (or partitions were assigned)
+        self.seeks_in_vain = 0  # fetch-stall seeks since records last came: a second one rejoins the group
 
     def run(self) -> None:
         kc, control = self.kc, self.control
@@ -432,6 +433,7 @@ class _PollLoop:
             polled = kc.poll(timeout_ms=self.runner.poll_timeout_ms)
             if polled:
                 self.last_records = time.monotonic()
+                self.seeks_in_vain = 0
             # Planned while the worker still runs the previous batch: planning after _settle() would
             # leave the worker idle for it (~1.5 us a record). Redone in the rare case _settle()
             # rewinds one of these partitions.
@@ -552,7 +554,22 @@ class _PollLoop:
             self.metrics.fetch_restarts.labels(self.consumer, tp.topic).inc()
             sought = True
         if sought:
+            if self.seeks_in_vain:
+                self._rejoin_group()
+            self.seeks_in_vain += 1
             self.last_records = now  # a fresh period for the sought partitions to return something
+
+    def _rejoin_group(self) -> None:
+        """The last seek restarted nothing: kafka-python may be stuck in a rebalance it never
+        finished (its partitions then stay pending revocation, and no seek makes them fetchable).
+        Asking for a rejoin makes the next poll run a fresh JoinGroup/SyncGroup round. librdkafka
+        has no such state to leave, and fixed partitions have no group to rejoin."""
+        request_rejoin = getattr(getattr(self.kc, "_coordinator", None), "request_rejoin", None)
+        if request_rejoin is None or not (self.runner.topics or self.runner.pattern):
+            return
+        log.warning("consumer %s: seeking did not restart the fetch; rejoining group %s", self.consumer,
+                    self.runner.kafka_config["group_id"])
+        request_rejoin()
 
     def _absorb(self, result: BatchResult | None, revoked=frozenset()) -> None:
         if result is None:
@@ -688,6 +705,7 @@ class _PollLoop:
             kc.seek(TopicPartition(topic, part), offset)
             self.positions[TopicPartition(topic, part)] = offset
         self.last_records = time.monotonic()
+        self.seeks_in_vain = 0
         self.metrics.database_ok = True
         self.last_lag = 0.0  # refresh the lag gauge at the next turn
         log.info("consumer %s assigned %s; positions from PostgreSQL: %s", self.consumer,

@@ -34,8 +34,8 @@ def _rejoin_while_a_join_is_pending(kc: KafkaConsumer) -> None:
     When a poll's timeout ends inside that round (our revoke listener settles the batch in flight
     first, which takes longer than a poll), the next poll returns without collecting the
     assignment: every partition stays "pending revocation", fetches nothing, and the group looks
-    healthy. Seen in about one CI run in three. Counting a pending join as needing one makes the
-    next poll finish the round."""
+    healthy. It failed a CI run and about one local run in ten. Counting a pending join as
+    needing one makes the next poll finish the round."""
     coordinator = getattr(kc, "_coordinator", None)
     if coordinator is None or not hasattr(coordinator, "_join_task"):
         return
