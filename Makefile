@@ -4,10 +4,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: test demo install bench chaos clean
+.PHONY: test lint demo install bench chaos clean
 
 test: install  ## the full suite against real PostgreSQL 18 + Apache Kafka (what CI runs)
 	$(BIN)/pytest
+
+lint: install  ## unused or undefined names, import order
+	$(BIN)/ruff check .
 
 demo: install  ## everything at once for a first look
 	$(BIN)/outbox demo
