@@ -295,6 +295,38 @@ def test_rebalance_between_two_instances_hands_partitions_over_without_overlap(d
     assert counts(db, "SELECT count(*), count(DISTINCT event_id) FROM applied") == [(1500, 1500)]
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+def test_partitions_added_to_a_subscribed_topic_are_consumed_from_their_first_record(db, kafka, topic_prefix,
+                                                                                     client):
+    """A producer writes to a partition added under a running Runner before the group has
+    rebalanced onto it. The Runner must start that partition at its first record (no position is
+    stored for it yet), not at its end, or those events would be skipped without a trace."""
+    from kafka.admin import KafkaAdminClient, NewPartitions
+
+    create_business_schema(db)
+    topic = f"{topic_prefix}.deposits"
+    create_topic(kafka, topic, partitions=1)
+    first = [uuid.uuid4() for _ in range(10)]
+    added = [uuid.uuid4() for _ in range(10)]
+    produce(kafka, topic, [(b"acc-0", deposit("acc-0", 1), headers_for(e, "acc-0")) for e in first], partition=0)
+    bg = Background(runner(db, kafka, "grown", topic, apply_deposit, kafka_client=client,
+                           kafka_config={"metadata_max_age_ms": 1000}))
+    try:
+        wait_for(lambda: bg.runner.totals.processed == 10, 60, "the first partition's 10 events")
+        admin = KafkaAdminClient(bootstrap_servers=kafka)
+        try:
+            admin.create_partitions({topic: NewPartitions(2)})
+        finally:
+            admin.close()
+        produce(kafka, topic, [(b"acc-1", deposit("acc-1", 1), headers_for(e, "acc-1")) for e in added], partition=1)
+        caught_up(db, "grown", kafka, topic, timeout=60)
+    finally:
+        totals = bg.stop()
+    assert totals.processed == 20 and totals.duplicates == 0
+    assert counts(db, "SELECT account, count(*)::int FROM applied GROUP BY account ORDER BY account") == \
+        [("acc-0", 10), ("acc-1", 10)]
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("client", CLIENTS)
 def test_runner_survives_a_postgresql_restart_and_resumes_from_the_stored_offsets(kafka, topic_prefix, caplog, client):
