@@ -421,7 +421,7 @@ class _PollLoop:
         self.positions: dict[TopicPartition, int] = {}
         self.last_lag = 0.0
         self.last_records = time.monotonic()  # when a poll last returned records (or partitions were assigned)
-        self.seeks_in_vain = 0  # fetch-stall seeks since records last came: a second one rejoins the group
+        self.sought_at: float | None = None  # when the fetch-stall guard last sought (see _unstall)
 
     def run(self) -> None:
         kc, control = self.kc, self.control
@@ -433,7 +433,6 @@ class _PollLoop:
             polled = kc.poll(timeout_ms=self.runner.poll_timeout_ms)
             if polled:
                 self.last_records = time.monotonic()
-                self.seeks_in_vain = 0
             # Planned while the worker still runs the previous batch: planning after _settle() would
             # leave the worker idle for it (~1.5 us a record). Redone in the rare case _settle()
             # rewinds one of these partitions.
@@ -554,10 +553,9 @@ class _PollLoop:
             self.metrics.fetch_restarts.labels(self.consumer, tp.topic).inc()
             sought = True
         if sought:
-            if self.seeks_in_vain:
+            if self.last_records == self.sought_at:  # no records (nor an assignment) since the last seek
                 self._rejoin_group()
-            self.seeks_in_vain += 1
-            self.last_records = now  # a fresh period for the sought partitions to return something
+            self.last_records = self.sought_at = now  # a fresh period for the sought partitions
 
     def _rejoin_group(self) -> None:
         """The last seek restarted nothing: kafka-python may be stuck in a rebalance it never
@@ -705,7 +703,6 @@ class _PollLoop:
             kc.seek(TopicPartition(topic, part), offset)
             self.positions[TopicPartition(topic, part)] = offset
         self.last_records = time.monotonic()
-        self.seeks_in_vain = 0
         self.metrics.database_ok = True
         self.last_lag = 0.0  # refresh the lag gauge at the next turn
         log.info("consumer %s assigned %s; positions from PostgreSQL: %s", self.consumer,

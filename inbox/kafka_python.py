@@ -2,8 +2,8 @@
 stall or misconfigure it worked around on the instance (nothing is patched globally).
 
 Each workaround is a no-op when the private attribute it relies on is missing, so a kafka-python
-that fixes or renames it is used as it is; tests/inbox/test_kafka_python_client.py fails if one
-stops working."""
+that fixes or renames it is used as it is; tests/inbox/test_dedupe_window.py and
+tests/inbox/test_fetch_stall.py fail if one stops working."""
 
 from kafka import KafkaConsumer
 

@@ -20,6 +20,7 @@ from tests.support.helpers import wait_for
 from tests.support.inbox import (
     CLIENTS,
     Background,
+    add_partitions,
     apply_deposit,
     caught_up,
     create_business_schema,
@@ -115,7 +116,6 @@ def test_caught_up_partition_ending_in_a_transaction_marker_shows_no_lag_and_no_
                                                     {"consumer": "marker", "topic": topic}) is None
 
 
-
 def test_partitions_added_while_a_sync_group_outlasts_a_poll_do_not_leave_kafka_python_fetching_nothing(
         db, kafka, topic_prefix, monkeypatch, caplog):
     """Partitions added to a subscribed topic start a rebalance that kafka-python 3.0.12 drives
@@ -148,7 +148,6 @@ def _regrow_while_sync_group_is_slow(db, kafka, topic_prefix, monkeypatch, fetch
     """A kafka-python Runner consumes two partitions; a third is added and SyncGroup is delayed by
     longer than a poll, so the rebalance always outlasts one. Every event must be applied once, in
     order per partition, the new partition's too."""
-    from kafka.admin import KafkaAdminClient, NewPartitions
     from kafka.net.manager import KafkaConnectionManager
 
     create_business_schema(db)
@@ -184,11 +183,7 @@ def _regrow_while_sync_group_is_slow(db, kafka, topic_prefix, monkeypatch, fetch
     try:
         wait_for(lambda: runner.totals.processed == 20, 60, "the first 20 events")
         slow_sync["armed"] = True
-        admin = KafkaAdminClient(bootstrap_servers=kafka)
-        try:
-            admin.create_partitions({topic: NewPartitions(3)})
-        finally:
-            admin.close()
+        add_partitions(kafka, topic, 3)
         send(after)
         caught_up(db, "regrown", kafka, topic, timeout=45)
     finally:

@@ -20,6 +20,7 @@ from tests.support.helpers import wait_for
 from tests.support.inbox import (
     CLIENTS,
     Background,
+    add_partitions,
     apply_deposit,
     caught_up,
     create_business_schema,
@@ -301,8 +302,6 @@ def test_partitions_added_to_a_subscribed_topic_are_consumed_from_their_first_re
     """A producer writes to a partition added under a running Runner before the group has
     rebalanced onto it. The Runner must start that partition at its first record (no position is
     stored for it yet), not at its end, or those events would be skipped without a trace."""
-    from kafka.admin import KafkaAdminClient, NewPartitions
-
     create_business_schema(db)
     topic = f"{topic_prefix}.deposits"
     create_topic(kafka, topic, partitions=1)
@@ -313,11 +312,7 @@ def test_partitions_added_to_a_subscribed_topic_are_consumed_from_their_first_re
                            kafka_config={"metadata_max_age_ms": 1000}))
     try:
         wait_for(lambda: bg.runner.totals.processed == 10, 60, "the first partition's 10 events")
-        admin = KafkaAdminClient(bootstrap_servers=kafka)
-        try:
-            admin.create_partitions({topic: NewPartitions(2)})
-        finally:
-            admin.close()
+        add_partitions(kafka, topic, 2)
         produce(kafka, topic, [(b"acc-1", deposit("acc-1", 1), headers_for(e, "acc-1")) for e in added], partition=1)
         caught_up(db, "grown", kafka, topic, timeout=60)
     finally:

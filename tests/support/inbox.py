@@ -84,6 +84,17 @@ def create_topic(bootstrap: str, topic: str, partitions: int = 1, configs: dict[
         admin.close()
 
 
+def add_partitions(bootstrap: str, topic: str, total: int) -> None:
+    """Grow a topic to `total` partitions under whoever is using it."""
+    from kafka.admin import KafkaAdminClient, NewPartitions
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_partitions({topic: NewPartitions(total)})
+    finally:
+        admin.close()
+
+
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     consumer = KafkaConsumer(bootstrap_servers=bootstrap)
     try:
