@@ -7,7 +7,6 @@ explanation that says how to fix it; the daemon dead-letters it and moves on.
 from __future__ import annotations
 
 import json
-import re
 import string
 from dataclasses import dataclass
 
@@ -17,7 +16,6 @@ from relay.pgoutput import Relation
 
 OUTBOX_COLUMNS = ("event_id", "aggregate_type", "aggregate_id", "event_type", "payload", "headers", "created_at",
                   "txid")
-_TOPIC = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
 # Header names, transaction headers and record framing, roughly: for the in-flight byte budget.
 RECORD_OVERHEAD = 260
 
@@ -114,7 +112,7 @@ class Router:
         if topic is None:
             topic = self.template.format(aggregate_type=_text(aggregate_type, "aggregate_type"),
                                          event_type=_text(event_type, "event_type"))
-            if not _TOPIC.match(topic) or topic in (".", ".."):
+            if not envelope.is_topic_name(topic):
                 raise RouteError(
                     "invalid_topic",
                     f"topic {topic!r} formed by OUTBOX_TOPIC_TEMPLATE={self.template!r} is not a legal Kafka topic "

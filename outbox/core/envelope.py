@@ -14,6 +14,7 @@ relay (to write records) and the inbox (to read them back).
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -35,6 +36,14 @@ def is_reserved(name: str) -> bool:
 
 class EnvelopeError(ValueError):
     """A Kafka record does not carry a valid envelope; the message says which part is wrong."""
+
+
+# Kafka's own rule for topic names (kafka.common.internals.Topic): the router and the settings check it.
+_TOPIC_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
+
+
+def is_topic_name(name: str) -> bool:
+    return bool(_TOPIC_NAME.match(name)) and name not in (".", "..")
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from outbox.core.redact import Dsn, redact, register_secret
+from outbox.core.envelope import is_topic_name
+from outbox.core.redact import MASK, Dsn, redact, register_secret
 
 ENV_PREFIX = "OUTBOX_"
 TOPIC_FIELDS = frozenset({"aggregate_type", "event_type"})
@@ -68,6 +69,7 @@ _HINTS: dict[str, str] = {
     "topic_template": "use a Python format string with only {aggregate_type} and {event_type}, "
     "e.g. outbox.event.{aggregate_type}",
     "compression": "use one of auto, zstd, lz4, gzip, snappy, none",
+    "checkpoint_topic": "use a topic name such as outbox.relay.checkpoints",
     "dev_kafka": "use auto, apache or tansu",
     "log_format": "use text or json",
     "log_level": "use DEBUG, INFO, WARNING or ERROR",
@@ -197,10 +199,16 @@ class Settings(BaseSettings):
     @classmethod
     def _sasl_credentials(cls, value: Any, info: ValidationInfo) -> Any:
         protocol = info.data.get("kafka_security_protocol", "")
-        if protocol.startswith("SASL") and not (value.get_secret_value() if isinstance(value, SecretStr) else value):
+        given = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(value, SecretStr) and given:
+            register_secret(given)  # masked in every log line from now on, this validator's errors included
+        if protocol.startswith("SASL") and not given:
             raise ValueError(f"is required with OUTBOX_KAFKA_SECURITY_PROTOCOL={protocol}")
-        if isinstance(value, SecretStr):
-            register_secret(value.get_secret_value())  # masked in every log line from now on
+        if given and protocol and not protocol.startswith("SASL"):
+            # Ignoring it would log in with no credentials at all: refuse rather than guess the intent.
+            raise ValueError(f"is set but OUTBOX_KAFKA_SECURITY_PROTOCOL={protocol} sends no credentials. Fix: use "
+                             f"SASL_SSL or SASL_PLAINTEXT, or unset OUTBOX_KAFKA_SASL_USERNAME and "
+                             f"OUTBOX_KAFKA_SASL_PASSWORD")
         return value
 
     @field_validator("kafka_client")
@@ -215,8 +223,15 @@ class Settings(BaseSettings):
 
     @field_validator("kafka_ssl_cafile")
     @classmethod
-    def _cafile(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
+    def _cafile(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return value
+        protocol = info.data.get("kafka_security_protocol", "")
+        if protocol and not protocol.endswith("SSL"):
+            # The user asked for TLS; connecting in clear text instead would be a silent downgrade.
+            raise ValueError(f"is set but OUTBOX_KAFKA_SECURITY_PROTOCOL={protocol} does not encrypt, so the CA "
+                             f"file would be ignored. Fix: use SSL or SASL_SSL, or unset OUTBOX_KAFKA_SSL_CAFILE")
+        if not value.is_file():
             raise ValueError(f"{str(value)!r} is not a readable file")
         return value
 
@@ -235,6 +250,24 @@ class Settings(BaseSettings):
         unknown = fields - TOPIC_FIELDS
         if unknown:
             raise ValueError(f"uses unknown placeholder(s) {sorted(unknown)}")
+        # Its fixed text alone must already be legal, or every event would be dead-lettered.
+        literal = "".join(text for text, _, _, _ in string.Formatter().parse(value))
+        bad = sorted(set(re.sub(r"[a-zA-Z0-9._-]", "", literal)))
+        if bad:
+            raise ValueError(f"contains {bad}, which Kafka does not allow in topic names (only letters, digits, "
+                             f"'.', '_' and '-')")
+        if not fields and not is_topic_name(value):
+            raise ValueError("is not a legal Kafka topic name")
+        if value.startswith("__"):
+            raise ValueError("starts with '__', which Kafka keeps for its internal topics")
+        return value
+
+    @field_validator("checkpoint_topic")
+    @classmethod
+    def _topic_name(cls, value: str) -> str:
+        if not is_topic_name(value) or value.startswith("__"):
+            raise ValueError("is not a legal Kafka topic name of our own (1-249 letters, digits, '.', '_' or '-', "
+                             "not '.' or '..', not starting with '__')")
         return value
 
     def require_database_url(self) -> Dsn:
@@ -339,8 +372,10 @@ def describe_validation_error(exc: ValidationError) -> str:
         field = str(err["loc"][0]) if err["loc"] else "?"
         var = ENV_PREFIX + field.upper()
         shown = redact(repr(err.get("input"))) if "input" in err else "?"
+        if field == "kafka_sasl_password" and err.get("input"):
+            shown = repr(MASK)  # even a password too short for redact() to mask
         reason = err["msg"].removeprefix("Value error, ")
-        fix = _HINTS.get(field)
+        fix = None if " Fix: " in reason else _HINTS.get(field)  # a reason may carry its own, more precise fix
         if fix is None and err["type"].startswith(("greater", "less")):
             fix = "choose a value within the allowed range"
         line = f"  {var}={shown}: {reason}."

@@ -56,6 +56,11 @@ def test_env_files_dev_env_then_dotenv_then_environment(tmp_path, monkeypatch):
         ("OUTBOX_SLOT_NAME", "My-Slot", "not a safe PostgreSQL identifier"),
         ("OUTBOX_TOPIC_TEMPLATE", "events.{tenant}", "unknown placeholder(s) ['tenant']"),
         ("OUTBOX_TOPIC_TEMPLATE", "events.{aggregate_type", "not a valid format string"),
+        ("OUTBOX_TOPIC_TEMPLATE", "order events.{aggregate_type}", "contains [' '], which Kafka does not allow"),
+        ("OUTBOX_TOPIC_TEMPLATE", "__events.{aggregate_type}", "starts with '__'"),
+        ("OUTBOX_TOPIC_TEMPLATE", "..", "is not a legal Kafka topic name"),
+        ("OUTBOX_CHECKPOINT_TOPIC", "relay checkpoints", "is not a legal Kafka topic name"),
+        ("OUTBOX_CHECKPOINT_TOPIC", "__consumer_offsets", "not starting with '__'"),
         ("OUTBOX_LINGER_MS", "-1", "OUTBOX_LINGER_MS='-1'"),
         ("OUTBOX_DATABASE_URL", "postgresql://u:pw@host:notaport/db", "not a valid PostgreSQL connection string"),
     ],
@@ -179,6 +184,30 @@ def test_sasl_password_is_masked_everywhere_and_reaches_every_kafka_client(monke
     # kafka-python logs SASL frames as bytes reprs at DEBUG level: both forms are masked.
     frame = f"SaslAuthenticateRequest(auth_bytes={(b'relay' + bytes(1) + password.encode())!r})"
     assert "k4fka" not in redact(f"login with {password} failed; {frame}")
+
+
+def test_security_settings_the_protocol_would_ignore_are_refused_not_dropped(monkeypatch, tmp_path):
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setenv("OUTBOX_KAFKA_SSL_CAFILE", str(tmp_path / "ca.pem"))
+    with pytest.raises(ConfigError) as err:  # PLAINTEXT by default: TLS was asked for, clear text would be used
+        load_settings()
+    assert str(err.value) == (
+        f"invalid configuration:\n  OUTBOX_KAFKA_SSL_CAFILE='{tmp_path / 'ca.pem'}': is set but "
+        "OUTBOX_KAFKA_SECURITY_PROTOCOL=PLAINTEXT does not encrypt, so the CA file would be ignored. "
+        "Fix: use SSL or SASL_SSL, or unset OUTBOX_KAFKA_SSL_CAFILE.")
+    monkeypatch.setenv("OUTBOX_KAFKA_SECURITY_PROTOCOL", "SSL")
+    assert load_settings().kafka_security() == {"security_protocol": "SSL", "ssl_cafile": str(tmp_path / "ca.pem")}
+
+    monkeypatch.setenv("OUTBOX_KAFKA_SASL_USERNAME", "relay")
+    monkeypatch.setenv("OUTBOX_KAFKA_SASL_PASSWORD", "pw")  # too short for redact(): still never shown
+    message = str(pytest.raises(ConfigError, load_settings).value)
+    assert "OUTBOX_KAFKA_SASL_USERNAME='relay': is set but OUTBOX_KAFKA_SECURITY_PROTOCOL=SSL sends no credentials. " \
+           "Fix: use SASL_SSL or SASL_PLAINTEXT, or unset OUTBOX_KAFKA_SASL_USERNAME and " \
+           "OUTBOX_KAFKA_SASL_PASSWORD." in message
+    assert "OUTBOX_KAFKA_SASL_PASSWORD='***': is set but" in message
+    assert "'pw'" not in message
+    monkeypatch.setenv("OUTBOX_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    assert load_settings().kafka_security()["sasl_plain_username"] == "relay"
 
 
 def test_plaintext_clients_get_no_security_options():
