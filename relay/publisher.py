@@ -84,8 +84,16 @@ def producer_config(settings: Settings, transactional_id: str | None = None) -> 
         bootstrap_timeout_ms=10_000,
     )
     if transactional_id:
-        config.update(transactional_id=transactional_id, transaction_timeout_ms=60_000)
+        config.update(transactional_id=transactional_id, transaction_timeout_ms=transaction_timeout_ms(settings))
     return config
+
+
+def transaction_timeout_ms(settings: Settings) -> int:
+    """A Kafka transaction spans one relay batch, which stays open up to OUTBOX_BATCH_MAX_AGE_MS: the
+    coordinator must not abort it while it is still open or committing (a batch age near a fixed 60 s
+    timeout would lose the race now and then and replay the batch). 60 s on top of the age leaves the
+    commit the time it had with the default age."""
+    return 60_000 + settings.batch_max_age_ms
 
 
 class Publisher:

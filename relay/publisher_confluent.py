@@ -28,7 +28,7 @@ from kafka import errors as kerr
 
 from outbox.core import librdkafka
 from outbox.core.settings import Settings
-from relay.publisher import Fenced, compression, unreachable_hint
+from relay.publisher import Fenced, compression, transaction_timeout_ms, unreachable_hint
 
 log = logging.getLogger("outbox.relay")
 librdkafka_log = logging.getLogger("outbox.relay.librdkafka")
@@ -107,7 +107,7 @@ def producer_config(settings: Settings, transactional_id: str | None = None) -> 
     if transactional_id:
         # librdkafka insists that a record cannot outlive its transaction (kafka-python lets it try
         # for 120 s); either way the transaction is aborted and the batch replayed from the slot.
-        config.update({"transactional.id": transactional_id, "transaction.timeout.ms": 60_000,
+        config.update({"transactional.id": transactional_id, "transaction.timeout.ms": transaction_timeout_ms(s),
                        "delivery.timeout.ms": 60_000})
     return config
 

@@ -12,6 +12,7 @@ from confluent_kafka import KafkaError
 from kafka import KafkaProducer
 
 from outbox.core.settings import load_settings
+from relay import publisher, publisher_confluent
 from relay.publisher import Publisher, classify, ensure_topic, make_publisher
 from relay.publisher_confluent import ConfluentPublisher, as_kafka_python, security_config
 from tests.support.helpers import read_topic, wait_for
@@ -43,6 +44,17 @@ def test_security_settings_map_to_librdkafka_names(tmp_path):
     assert security_config(s) == {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
                                   "sasl.username": "relay", "sasl.password": "s3cret-value",
                                   "ssl.ca.location": str(ca)}
+
+
+@pytest.mark.parametrize("age_ms", [200, 30_000, 60_000])
+def test_a_batch_as_old_as_its_setting_allows_is_never_outlived_by_its_kafka_transaction(age_ms):
+    s = load_settings(_env_file=None, batch_max_age_ms=age_ms)
+    python_config = publisher.producer_config(s, "tx")
+    rdkafka_config = publisher_confluent.producer_config(s, "tx")
+    assert python_config["transaction_timeout_ms"] == rdkafka_config["transaction.timeout.ms"] == 60_000 + age_ms
+    # librdkafka refuses a record that could outlive its transaction.
+    assert rdkafka_config["delivery.timeout.ms"] <= rdkafka_config["transaction.timeout.ms"]
+    assert "transaction_timeout_ms" not in publisher.producer_config(s)
 
 
 def test_kafka_python_stays_the_default(kafka):
