@@ -281,7 +281,8 @@ class Runner:
             return None
         m = self.metrics
         server = probes.serve(m.registry, m.health, m.readiness, self.metrics_port, self.metrics_host,
-                              name=f"inbox-{self.consumer}-metrics")
+                              name=f"inbox-{self.consumer}-metrics",
+                              setting="metrics_port (OUTBOX_INBOX_METRICS_PORT)")
         self.metrics_address = tuple(server.server_address[:2])
         log.info("consumer %s serves /metrics, /healthz and /readyz on %s:%d", self.consumer, *self.metrics_address)
         return server

@@ -11,6 +11,7 @@ this module only serves them. Loopback unless told otherwise (OUTBOX_METRICS_HOS
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 import threading
@@ -19,6 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from outbox.core.settings import ConfigError
 
 DEFAULT_HOST = "127.0.0.1"
 
@@ -30,9 +33,9 @@ class _IPv6Server(ThreadingHTTPServer):
 
 
 def serve(registry: CollectorRegistry, health: Probe, readiness: Probe, port: int, host: str | None = None, *,
-          name: str = "outbox-metrics") -> ThreadingHTTPServer:
+          name: str = "outbox-metrics", setting: str = "OUTBOX_METRICS_PORT") -> ThreadingHTTPServer:
     """Listen on host:port (port 0: a free port, see server.server_address) and serve until
-    server.shutdown(). Raises OSError when the address is taken."""
+    server.shutdown(). Raises ConfigError, naming `setting` and the fix, when it cannot listen there."""
     host = host or DEFAULT_HOST
 
     class Handler(BaseHTTPRequestHandler):
@@ -56,7 +59,22 @@ def serve(registry: CollectorRegistry, health: Probe, readiness: Probe, port: in
         def log_message(self, *args) -> None:  # scrapes every few seconds would flood the log
             pass
 
-    server = (_IPv6Server if ":" in host else ThreadingHTTPServer)((host, port), Handler)
+    try:
+        server = (_IPv6Server if ":" in host else ThreadingHTTPServer)((host, port), Handler)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve /metrics on {host}:{port}: {exc.strerror or exc}. Fix: "
+                          f"{_bind_fix(exc.errno, setting, port)}") from None
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
     return server
+
+
+def _bind_fix(code: int | None, setting: str, port: int) -> str:
+    if code == errno.EADDRINUSE:
+        return (f"another process (a second relay or consumer on this host?) listens on {port}: set {setting} to "
+                f"a free port, or to 0 to turn the endpoint off")
+    if code == errno.EADDRNOTAVAIL:
+        return "set OUTBOX_METRICS_HOST to an address of this machine (127.0.0.1, or 0.0.0.0 in a container)"
+    if code == errno.EACCES:
+        return f"ports below 1024 need privileges: set {setting} to 1024 or above"
+    return f"choose another {setting} or OUTBOX_METRICS_HOST"

@@ -136,6 +136,24 @@ def test_cli_exits_2_with_the_message_on_bad_configuration(tmp_path):
     assert SECRET not in result.stderr
 
 
+def test_a_metrics_port_already_taken_stops_the_relay_with_exit_2_and_the_fix(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"PATH": "/usr/bin:/bin", "OUTBOX_METRICS_PORT": str(port),
+               "OUTBOX_DATABASE_URL": f"postgresql://u:{SECRET}@127.0.0.1:1/db"}
+        result = subprocess.run([sys.executable, "-m", "outbox.cli", "relay"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"outbox: cannot serve /metrics on 127.0.0.1:{port}: Address already in use. Fix: another process (a second "
+        f"relay or consumer on this host?) listens on {port}: set OUTBOX_METRICS_PORT to a free port, or to 0 to "
+        f"turn the endpoint off"]
+
+
 def test_cli_connection_failure_is_one_line_without_the_password(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "OUTBOX_DATABASE_URL": f"postgresql://u:{SECRET}@127.0.0.1:1/db"}
     result = subprocess.run([sys.executable, "-m", "outbox.cli", "migrate"], cwd=tmp_path, env=env,

@@ -94,6 +94,22 @@ def test_metrics_server_counts_processed_duplicates_dead_letters_and_retries_exa
     assert (totals.processed, totals.duplicates, totals.dead_lettered) == (5, 3, 2)
 
 
+def test_a_metrics_port_already_taken_is_refused_before_the_runner_consumes_anything(db, kafka, topic_prefix):
+    import socket
+
+    from outbox.core.settings import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        runner = Runner("taken", apply_deposit, dsn=db, bootstrap=kafka, topics=[f"{topic_prefix}.t"],
+                        metrics_port=port)
+        with pytest.raises(ConfigError, match=rf"cannot serve /metrics on 127.0.0.1:{port}: Address already in use\. "
+                                              r"Fix: .* set metrics_port \(OUTBOX_INBOX_METRICS_PORT\) to a free port"):
+            runner.run()
+
+
 def test_two_runners_in_one_process_have_registries_of_their_own_and_no_server_by_default(db, kafka, topic_prefix):
     a = Runner("one", apply_deposit, dsn=db, bootstrap=kafka, topics=[f"{topic_prefix}.a"])
     b = Runner("two", apply_deposit, dsn=db, bootstrap=kafka, topics=[f"{topic_prefix}.b"])
