@@ -15,7 +15,7 @@ import sys
 from dashboard.cli import register as register_dashboard
 from inbox.cli import register as register_inbox
 from outbox import __version__
-from outbox.core.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from outbox.core.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOGIN_REFUSED, EXIT_OK, EXIT_USAGE
 from outbox.core.redact import redact
 from outbox.core.settings import ConfigError, Settings, load_settings
 from outbox.demo.cli import register as register_demo
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    settings = None
     try:
         settings = load_settings(warn_unknown=False)
         from outbox.core.logs import setup_logging
@@ -107,6 +108,18 @@ def main(argv: list[str] | None = None) -> int:
         known = (isinstance(exc, MigrationError) or type(exc).__name__ == "StackError"
                  or type(exc).__module__.startswith("psycopg"))
         message = str(exc) if known else f"{type(exc).__name__}: {exc}"
+        dsn = settings.database_url if settings is not None else None
+        if type(exc).__name__ == "OperationalError" and "connection failed" in message:
+            from outbox.core.refusals import refusal
+
+            refused = refusal(exc, dsn, component="migrate") if dsn is not None else None
+            if refused is not None and refused.code == EXIT_LOGIN_REFUSED:  # as the relay and migrate say it
+                print(f"outbox {args.command}: {refused.message}", file=sys.stderr)
+                return refused.code
+            # psycopg's text spans lines and names neither the URL nor the setting.
+            where = f" to {dsn.masked}" if dsn is not None else ""
+            message = (f"cannot connect{where}: {' '.join(message.split())}. Fix: check that PostgreSQL runs there "
+                       f"and that OUTBOX_DATABASE_URL is right")
         print(f"outbox {args.command}: error: {redact(message)}", file=sys.stderr)
         return exc.code if isinstance(exc, MigrationError) else EXIT_FAILED
 

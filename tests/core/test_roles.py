@@ -143,6 +143,12 @@ def test_wrong_password_stops_migrate_with_exit_4_and_the_fix(db, logins):
     assert f"refused the login of role '{name}'" in result.stderr
     assert "Fix: check the user and password in OUTBOX_DATABASE_URL" in result.stderr
     assert "not-the-Passw0rd-42" not in result.stderr + result.stdout
+    # Every other command that only reaches the database through the CLI says it the same way.
+    for command in (("dead-letters", "list"), ("inbox", "purge"), ("prune",)):
+        other = outbox_cli(*command, env={"OUTBOX_DATABASE_URL": wrong.secret()})
+        assert other.returncode == EXIT_LOGIN_REFUSED, (command, other.stderr)
+        assert f"refused the login of role '{name}'" in other.stderr
+        assert "not-the-Passw0rd-42" not in other.stderr + other.stdout
 
 
 def test_migrate_by_a_role_without_privileges_exits_5_and_names_the_owner(empty_db, logins):

@@ -159,7 +159,10 @@ def test_cli_connection_failure_is_one_line_without_the_password(tmp_path):
     result = subprocess.run([sys.executable, "-m", "outbox.cli", "migrate"], cwd=tmp_path, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 1
-    assert "outbox migrate: error:" in result.stderr and "Connection refused" in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("outbox migrate: error: cannot connect to postgresql://u:***@127.0.0.1:1/db: ")
+    assert "Connection refused" in line
+    assert line.endswith("Fix: check that PostgreSQL runs there and that OUTBOX_DATABASE_URL is right")
     assert SECRET not in result.stderr and "Traceback" not in result.stderr
 
 
