@@ -72,18 +72,19 @@ def build_headers(event_id: bytes, event_type: bytes, aggregate_type: bytes, agg
 
 def event_id_of(headers: list[tuple[str, bytes]] | None) -> uuid.UUID:
     """The event id of a record, or EnvelopeError saying why there is none."""
-    raw = None
+    raw, found = None, False
     for name, value in headers or ():
         if name == EVENT_ID:
-            if raw is not None:
+            # Kafka allows a header without a value: it still counts, or the verdict would depend on order.
+            if found:
                 raise EnvelopeError("record has more than one event_id header")
-            raw = value
-    if raw is None:
+            raw, found = value, True
+    if not found:
         raise EnvelopeError("record has no event_id header (was it published by the outbox relay?)")
     try:
         return uuid.UUID(raw.decode("ascii"))
     except (ValueError, UnicodeDecodeError, AttributeError):
-        raise EnvelopeError(f"event_id header {raw[:64]!r} is not a UUID") from None
+        raise EnvelopeError(f"event_id header {raw if raw is None else raw[:64]!r} is not a UUID") from None
 
 
 def read_envelope(headers: list[tuple[str, bytes]] | None) -> Envelope:

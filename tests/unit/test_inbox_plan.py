@@ -43,6 +43,10 @@ def test_plan_without_duplicates_suppresses_nothing():
     ([("event_id", b"not-a-uuid")], "is not a UUID"),
     ([("event_id", b"\xff\xfe")], "is not a UUID"),
     ([("event_id", str(A).encode()), ("event_id", str(B).encode())], "more than one event_id header"),
+    # A header without a value counts as one, whichever comes first.
+    ([("event_id", None), ("event_id", str(A).encode())], "more than one event_id header"),
+    ([("event_id", str(A).encode()), ("event_id", None)], "more than one event_id header"),
+    ([("event_id", None)], "event_id header None is not a UUID"),
     (None, "no event_id header"),
 ])
 def test_plan_sets_aside_records_without_a_valid_event_id(headers, reason):

@@ -37,7 +37,7 @@ POOL = [uuid.UUID(int=0x1000 + i) for i in range(6)] + [uuid.uuid5(uuid.NAMESPAC
 PARTITIONS = [(t, p) for t in ("orders", "payments", "x") for p in (0, 1, 2)]
 
 # Invalid shapes and the reason the plan must give for each.
-NOT_A_UUID = [b"not-a-uuid", b"\xff\xfe", b"", str(POOL[0]).encode()[:-1], b"1234"]
+NOT_A_UUID = [b"not-a-uuid", b"\xff\xfe", b"", str(POOL[0]).encode()[:-1], b"1234", None]  # None: no value
 REASONS = {"missing": "no event_id header", "no_headers": "no event_id header",
            "not_uuid": "is not a UUID", "twice": "more than one event_id header"}
 
@@ -67,7 +67,10 @@ def envelopes(draw) -> tuple[list[tuple[str, bytes]] | None, uuid.UUID | None, s
         headers[0] = ("event_id", draw(st.sampled_from(NOT_A_UUID)))
         return headers, None, kind
     a, b = draw(st.sampled_from(POOL)), draw(st.sampled_from(POOL))  # the same id twice counts too
-    return headers_for(a, own=[("event_id", str(b).encode())]), None, kind
+    headers = headers_for(a, own=[("event_id", draw(st.sampled_from([str(b).encode(), None])))])
+    if draw(st.booleans()):  # whichever of the two comes first
+        headers[0], headers[-1] = headers[-1], headers[0]
+    return headers, None, kind
 
 
 @st.composite
