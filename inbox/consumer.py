@@ -82,6 +82,31 @@ KAFKA_CLIENTS = ("kafka-python", "confluent-kafka")
 SAME_AS_CONSUMER = object()  # group_id default: the consumer name
 PARALLEL_FETCH_BYTES = 16 * 1024  # per partition fetch with parallel_partitions > 1 (see Runner.__init__)
 DEFAULT_RETENTION_WINDOW_S = Settings.model_fields["inbox_retention_days"].default * horizon.DAY_S
+DEFAULT_CHECKPOINT_TOPIC = Settings.model_fields["checkpoint_topic"].default
+
+
+def _refuse_checkpoint_topic(checkpoint_topic: str, topics: Sequence[str], pattern: str | None,
+                             partitions: Sequence[tuple[str, int]]) -> None:
+    """Its records are the relay's positions, not events: every one would be dead-lettered as having no
+    event id, and the dedupe-window check's fix for a compacted topic (a finite retention) would let
+    Kafka delete the checkpoints the relay's exactly-once mode stands on."""
+    import re
+
+    if pattern is not None:
+        try:
+            # re.match: kafka-python's semantics, and librdkafka's for the "^"-anchored pattern we give it.
+            hit = re.match(pattern, checkpoint_topic) is not None
+        except re.error as exc:
+            raise InboxError(f"pattern {pattern!r} is not a regular expression: {exc}") from None
+        what = f"pattern {pattern!r} matches"
+    else:
+        hit = checkpoint_topic in set(topics) | {t for t, _ in partitions}
+        what = "topics include"
+    if hit:
+        raise InboxError(f"{what} the relay's checkpoint topic {checkpoint_topic!r}, which holds the relay's "
+                         f"exactly-once positions, not events. Fix: read only the event topics (e.g. pattern "
+                         r"r'outbox\.event\..*' for the default OUTBOX_TOPIC_TEMPLATE), or pass the right "
+                         f"checkpoint_topic= if this is not the relay's (OUTBOX_CHECKPOINT_TOPIC)")
 
 
 class Runner:
@@ -93,7 +118,7 @@ class Runner:
                  retention_window_s: float | None = None, allow_short_dedupe_window: bool = False,
                  metrics_port: int | None = None, metrics_host: str | None = None, lag_interval_s: float = 10.0,
                  parallel_partitions: int = 1, fetch_stall_s: float = FETCH_STALL_S,
-                 kafka_client: str = "kafka-python"):
+                 kafka_client: str = "kafka-python", checkpoint_topic: str = DEFAULT_CHECKPOINT_TOPIC):
         """consumer    the inbox's name for this logical consumer (also the Kafka group by default)
         topics / pattern / partitions   what to read: a subscription (group-managed) or fixed partitions
         group_id    Kafka consumer group; defaults to the consumer name. None (fixed partitions only):
@@ -124,7 +149,9 @@ class Runner:
                     warning: a guard against fetch stalls in kafka-python 3.0
         kafka_client  "kafka-python" (default) or "confluent-kafka" (librdkafka: records are fetched and
                     decoded in C; the `confluent` extra). kafka_config stays in kafka-python's option
-                    names either way (translated; librdkafka's own dotted names pass through)"""
+                    names either way (translated; librdkafka's own dotted names pass through)
+        checkpoint_topic  the relay's exactly-once checkpoint topic (OUTBOX_CHECKPOINT_TOPIC; from_settings
+                    passes it): refused as a topic to read, it holds no events"""
         check_consumer_name(consumer)
         if kafka_client not in KAFKA_CLIENTS:
             raise InboxError(f"kafka_client must be one of {', '.join(KAFKA_CLIENTS)}, got {kafka_client!r} "
@@ -132,6 +159,7 @@ class Runner:
         self.kafka_client = kafka_client
         if sum(bool(x) for x in (topics, pattern, partitions)) != 1:
             raise InboxError("give exactly one of topics=[...], pattern='...' or partitions=[(topic, partition)]")
+        _refuse_checkpoint_topic(checkpoint_topic, topics, pattern, partitions or ())
         if group_id is None and not partitions:
             raise InboxError("a subscription needs a consumer group; group_id=None works only with partitions=[...]")
         self.consumer, self.handler, self.policy = consumer, handler, policy
@@ -209,6 +237,7 @@ class Runner:
         kwargs.setdefault("metrics_host", settings.metrics_host)
         kwargs.setdefault("parallel_partitions", settings.inbox_parallel_partitions)
         kwargs.setdefault("kafka_client", settings.kafka_client)
+        kwargs.setdefault("checkpoint_topic", settings.checkpoint_topic)
         return cls(consumer, handler, dsn=settings.require_database_url(), bootstrap=settings.kafka_servers, **kwargs)
 
     def stop(self) -> None:
