@@ -124,8 +124,8 @@ def _tuple(buf: bytes, pos: int, _length=_I32.unpack_from) -> tuple[tuple, int]:
         kind = buf[pos]
         if kind == 0x74 or kind == 0x62:  # 't' text, 'b' binary
             stop = pos + 5 + _length(buf, pos + 1)[0]
-            if stop > end:
-                raise DecodeError(f"column value of {stop - pos - 5} bytes runs past the end of the message")
+            if stop > end or stop < pos + 5:  # Int32 is signed: a negative length would read backwards
+                raise DecodeError(f"column value of {stop - pos - 5} bytes does not fit the message")
             append(buf[pos + 5:stop])
             pos = stop
         elif kind == 0x6E:  # 'n'
@@ -158,6 +158,8 @@ def _relation(buf: bytes) -> Relation:
     name, pos = _cstring(buf, pos)
     identity = chr(buf[pos])
     (count,) = _I16.unpack_from(buf, pos + 1)
+    if count < 0:
+        raise DecodeError(f"Relation with a negative column count ({count})")
     pos += 3
     columns = []
     for _ in range(count):
@@ -224,6 +226,8 @@ def _message(buf: bytes) -> Message:
     flags, lsn = _MESSAGE.unpack_from(buf, 1)
     prefix, pos = _cstring(buf, 10)
     (length,) = _I32.unpack_from(buf, pos)
+    if not 0 <= length <= len(buf) - pos - 4:
+        raise DecodeError(f"Message content of {length} bytes does not fit the message")
     return Message(bool(flags & 1), lsn, prefix, bytes(buf[pos + 4:pos + 4 + length]))
 
 

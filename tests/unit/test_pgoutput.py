@@ -102,7 +102,7 @@ def test_unchanged_toast_and_key_tuples():
         (b"S\x00\x00\x00\x01\x01", "Stream Start message received, but this relay never enables streaming"),
         (b"B\x00\x01", "truncated or malformed 'B' message"),
         (b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">h", 1) + b"t" + struct.pack(">i", 99) + b"ab",
-         "column value of 99 bytes runs past the end"),
+         "column value of 99 bytes does not fit the message"),
         (b"I" + struct.pack(">I", 1) + b"N" + struct.pack(">h", 1) + b"q", "unknown tuple column kind 'q'"),
         (b"I" + struct.pack(">I", 1) + b"X", "Insert without a new tuple"),
     ],

@@ -20,9 +20,9 @@ up to 2^64-1, negative timestamps, any xid and oid):
 - bytes after a complete message do not change what it decodes to. The decoder does not detect
   them (nor, as far as I know, does PostgreSQL's own apply worker): this pins the lenient behaviour.
 
-Two tests marked FINDING fail on purpose (do not "fix" them by weakening them): the decoder does
-not detect a Message whose declared content length runs past the end, nor a negative length or
-count, which PostgreSQL never sends; both decode silently to wrong values instead of DecodeError.
+Two bugs this file found are fixed and kept as tests below: a Message whose declared content length
+runs past the end, and a negative length or count (which PostgreSQL never sends), decoded silently
+to wrong values instead of raising DecodeError.
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def content_start(expected: Message, raw: bytes) -> int:
 @given(messages, st.data())
 def test_every_proper_prefix_raises_decode_error(case, data):
     expected, raw = case
-    # A Message cut inside its content is the FINDING below; every other cut is covered here.
+    # A Message cut inside its content has its own test below.
     end = content_start(expected, raw) if type(expected) is Message else len(raw)
     cut = data.draw(st.integers(0, end - 1), label="cut")
     with pytest.raises(DecodeError):
@@ -318,15 +318,15 @@ def test_trailing_bytes_do_not_change_the_decoded_message(case, garbage):
         assert insert_at(xlogdata(1, 2, 3, raw + garbage), 25) == tuple(expected)
 
 
-# ----- FINDINGS: these fail against the current decoder, on purpose (see the module docstring)
+# ----- bugs this file found, fixed (see the module docstring)
 
 
 @SETTINGS
 @example(case=(Message(True, 0, "p", b"ab"), b"M\x01" + bytes(8) + b"p\0" + i32(2) + b"ab"),
-         data=None).via("FINDING reproducer")
+         data=None).via("the reproducer of the fixed bug")
 @given(logical_messages(st.binary(min_size=1, max_size=20)), st.data())
-def test_FINDING_a_message_cut_inside_its_content_raises_decode_error(case, data):
-    """FINDING (fails): `_message` slices `buf[pos + 4:pos + 4 + length]` without checking that
+def test_a_message_cut_inside_its_content_raises_decode_error(case, data):
+    """Found by this file, fixed: `_message` slices `buf[pos + 4:pos + 4 + length]` without checking that
     `length` bytes are there, so a Message cut inside its content decodes to a shorter content.
     Reproducer: decode(b"M\\x01" + bytes(8) + b"p\\0" + (2).to_bytes(4, "big") + b"a")
     -> Message(True, 0, 'p', b'a') instead of DecodeError."""
@@ -339,11 +339,11 @@ def test_FINDING_a_message_cut_inside_its_content_raises_decode_error(case, data
 
 @SETTINGS
 @example(case=(Insert(1, (b"",)), b"I" + u32(1) + b"N" + i16(1) + b"t" + i32(-1)), pick=0,
-         length=-1).via("FINDING reproducer")
+         length=-1).via("the reproducer of the fixed bug")
 @given(st.one_of(inserts(), updates(), deletes(), logical_messages(), relations()), st.integers(0, 10**6),
        st.integers(-(2**31), -1))
-def test_FINDING_a_negative_length_or_count_raises_decode_error(case, pick, length):
-    """FINDING (fails): lengths and counts are read signed and never checked. PostgreSQL never
+def test_a_negative_length_or_count_raises_decode_error_not_a_backwards_read(case, pick, length):
+    """Found by this file, fixed: lengths and counts are read signed and never checked. PostgreSQL never
     sends a negative one, so it can only mean corruption, which the format makes detectable, but:
     - a 't'/'b' column of length -1 is decoded as b"" and the read position moves backwards:
       decode(b"I" + (1).to_bytes(4, "big") + b"N\\x00\\x01t\\xff\\xff\\xff\\xff") -> Insert(1, (b'',));
