@@ -165,9 +165,10 @@ class Router:
 def own_headers(raw: bytes) -> list[tuple[str, bytes]]:
     """The event's own headers (a JSON object of strings) as Kafka headers, in their JSON order."""
     try:
-        parsed = json.loads(raw)
-    except ValueError:
-        raise RouteError("bad_headers", "headers column is not valid JSON") from None
+        # Strict UTF-8 first: json.loads(bytes) would let encoded surrogates through.
+        parsed = json.loads(bytes(raw).decode())
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; nesting deeper than Python's stack
+        raise RouteError("bad_headers", "headers column is not valid UTF-8 JSON of a sane depth") from None
     if not isinstance(parsed, dict):
         raise RouteError("bad_headers", "headers must be a JSON object; write events with outbox.emit()")
     out = []
@@ -177,7 +178,12 @@ def own_headers(raw: bytes) -> list[tuple[str, bytes]]:
                                             f"outbox.emit(), which rejects those")
         if envelope.is_reserved(name):
             raise RouteError("bad_headers", f"header {name!r} is reserved for the relay; rename it")
-        out.append((name, value.encode()))
+        try:
+            name.encode(), (encoded := value.encode())
+        except UnicodeEncodeError:  # a \ud800 escape: valid JSON, but no UTF-8 spelling
+            raise RouteError("bad_headers", f"header {name!r} holds a lone surrogate escape, which UTF-8 "
+                                            f"cannot carry; fix the producer") from None
+        out.append((name, encoded))
     return out
 
 

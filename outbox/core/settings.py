@@ -244,9 +244,14 @@ class Settings(BaseSettings):
     @classmethod
     def _template(cls, value: str) -> str:
         try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+            parsed = list(string.Formatter().parse(value))
         except ValueError as exc:
             raise ValueError(f"is not a valid format string ({exc})") from None
+        fields = {name for _, name, _, _ in parsed if name is not None}
+        if any(spec or conversion for _, name, spec, conversion in parsed if name is not None):
+            # {aggregate_type:d} fails on every event and {aggregate_type!r} adds quotes: plain fields only.
+            raise ValueError("uses a format spec or conversion (':...' or '!...'); write the plain "
+                             "{aggregate_type} and {event_type}")
         unknown = fields - TOPIC_FIELDS
         if unknown:
             raise ValueError(f"uses unknown placeholder(s) {sorted(unknown)}")

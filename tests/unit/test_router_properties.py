@@ -24,14 +24,15 @@ generator's own labels, for a few templates the settings accept and the checkpoi
   back, with the own headers separated.
 
 JSON escapes of lone surrogates ("\\ud800") are left out: jsonb refuses them (in every database
-encoding), so they cannot reach the router. Three tests marked FINDING fail on purpose (do not
-weaken them); each input makes route() raise something other than RouteError, so the relay stops
-with exit 1 ("a bug in the relay") instead of dead-lettering the event:
+encoding), so they cannot reach the router. Three bugs this file found are fixed and kept as tests below; each input made route() raise
+something other than RouteError, so the relay stopped with exit 1 ("a bug in the relay") on the
+same row after every restart instead of dead-lettering the event:
 - a headers object nested deeper than Python's recursion limit, which jsonb accepts: RecursionError;
 - the bytes of a UTF-8-encoded surrogate in a header value (a SQL_ASCII database stores them), which
-  json.loads(bytes) lets through: UnicodeEncodeError (in a header name: a record whose header name
-  is not UTF-8);
-- a template the settings validator accepts, "outbox.{aggregate_type:d}": ValueError.
+  json.loads(bytes) let through: UnicodeEncodeError (in a header name: a record whose header name
+  was not UTF-8);
+- a template the settings validator accepted, "outbox.{aggregate_type:d}": ValueError (now refused
+  at start).
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def headers(draw):
         return raw[:draw(st.integers(0, len(raw) - 1))], None
     else:  # a value holding bytes that are not UTF-8
         items.insert(at, ("x-bin", "\0BAD\0"))
-        # Not b"\xed\xa0\x80" (an encoded surrogate): json.loads(bytes) accepts it, see the FINDING below.
+        # Not b"\xed\xa0\x80" (an encoded surrogate): json.loads(bytes) accepts it, see the fixed bug below.
         bad = draw(st.sampled_from([b"\xff", b"\x80", b"\xc3(", b"\xf4\x90\x80\x80", b"\xc0\xaf"]))
         return draw(dumps(dict(items))).replace(b"\\u0000BAD\\u0000", bad), None
     return draw(dumps(dict(items))), None
@@ -288,7 +289,7 @@ def test_topic_is_the_same_with_and_without_the_cache(template, pairs):
             assert outcome(warm, at, et) == fresh
 
 
-# ----- FINDINGS: these fail against the current router, on purpose (see the module docstring)
+# ----- bugs this file found, fixed (see the module docstring)
 
 ALL_COLUMNS = Layout.of(Relation(1, "outbox", "events", "d", tuple(Column(0, n, 25, -1) for n in OUTBOX_COLUMNS)))
 
@@ -298,10 +299,10 @@ def row_with_headers(raw_headers: bytes) -> tuple:
 
 
 @settings(max_examples=20, deadline=None)
-@example(depth=5000, brackets="[]").via("FINDING reproducer")
+@example(depth=5000, brackets="[]").via("the reproducer of the fixed bug")
 @given(st.integers(1, 5000), st.sampled_from(["[]", '{"a":}']))
-def test_FINDING_deeply_nested_headers_are_refused_with_a_route_error(depth, brackets):
-    """FINDING (fails): own_headers() catches ValueError around json.loads, but a nested value
+def test_deeply_nested_headers_are_dead_lettered_not_a_crash_loop(depth, brackets):
+    """Found by this file, fixed: own_headers() catches ValueError around json.loads, but a nested value
     deeper than the recursion limit raises RecursionError. jsonb accepts such an object (the
     CHECK only asks for jsonb_typeof = 'object'; outbox.emit() would refuse the non-string value,
     a direct INSERT does not), and the relay then stops with exit 1 on every restart, since the
@@ -316,32 +317,22 @@ def test_FINDING_deeply_nested_headers_are_refused_with_a_route_error(depth, bra
     assert err.value.reason == "bad_headers"
 
 
-@settings(max_examples=20, deadline=None)
-@given(st.sampled_from(["outbox.{aggregate_type:d}", "outbox.{aggregate_type:.20}", "outbox.{aggregate_type:x}",
-                        "outbox.{event_type:_<10}", "outbox.{aggregate_type!r}", "outbox.{aggregate_type:,}"]),
-       row_text)
-def test_FINDING_templates_the_settings_accept_route_or_refuse(template, aggregate_type):
-    """FINDING (fails): the settings validator checks a template's placeholders and literal text,
-    not its format specs, so it accepts "outbox.{aggregate_type:d}" (and :x, :,), and then every
-    route() raises ValueError("Unknown format code 'd' for object of type 'str'") instead of a
-    RouteError; the relay stops with exit 1 ("a bug in the relay") on the first event, rather than
-    refusing the setting at startup. Reproducer: Router("outbox.{aggregate_type:d}").topic(b"order",
-    b"Placed") -> ValueError; expected the template refused by Settings, or RouteError."""
-    assert Settings._template(template) == template  # the settings accept it
-    try:
-        Router(template, reserved=RESERVED).route(ALL_COLUMNS, (str(uuid.UUID(int=1)).encode(), aggregate_type[0],
-                                                                b"42", b"Placed", b"{}", b"{}", b"now", b"7"),
-                                                  Txn.of(1, 0))
-    except RouteError:
-        pass
+@pytest.mark.parametrize("template", ["outbox.{aggregate_type:d}", "outbox.{aggregate_type:.20}",
+                                      "outbox.{aggregate_type:x}", "outbox.{event_type:_<10}",
+                                      "outbox.{aggregate_type!r}", "outbox.{aggregate_type:,}"])
+def test_a_template_with_a_format_spec_is_refused_at_start_not_on_every_event(template):
+    """Found by this file: the settings accepted "outbox.{aggregate_type:d}", and then every route()
+    raised ValueError("Unknown format code 'd'"), stopping the relay on the first event."""
+    with pytest.raises(ValueError, match="uses a format spec or conversion"):
+        Settings._template(template)
 
 
 @settings(max_examples=20, deadline=None)
-@example(code_point=0xD800, where="value").via("FINDING reproducer")
-@example(code_point=0xDFFF, where="name").via("FINDING reproducer")
+@example(code_point=0xD800, where="value").via("the reproducer of the fixed bug")
+@example(code_point=0xDFFF, where="name").via("the reproducer of the fixed bug")
 @given(st.integers(0xD800, 0xDFFF), st.sampled_from(["value", "name"]))
-def test_FINDING_encoded_surrogates_in_headers_are_refused_with_a_route_error(code_point, where):
-    """FINDING (fails): json.loads(bytes) decodes with errors="surrogatepass", so the bytes of a
+def test_encoded_surrogates_in_headers_are_dead_lettered_not_a_crash(code_point, where):
+    """Found by this file, fixed: json.loads(bytes) decodes with errors="surrogatepass", so the bytes of a
     UTF-8-encoded surrogate (b"\\xed\\xa0\\x80" for U+D800), which are not UTF-8, pass own_headers()'s
     JSON check. In a header value, `value.encode()` then raises UnicodeEncodeError out of route();
     in a header name the record is returned with a name that is not UTF-8 (the producer refuses it
