@@ -166,7 +166,7 @@ def own_headers(raw: bytes) -> list[tuple[str, bytes]]:
     """The event's own headers (a JSON object of strings) as Kafka headers, in their JSON order."""
     try:
         # Strict UTF-8 first: json.loads(bytes) would let encoded surrogates through.
-        parsed = json.loads(bytes(raw).decode())
+        parsed = json.loads(raw.decode())
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; nesting deeper than Python's stack
         raise RouteError("bad_headers", "headers column is not valid UTF-8 JSON of a sane depth") from None
     if not isinstance(parsed, dict):
@@ -179,7 +179,8 @@ def own_headers(raw: bytes) -> list[tuple[str, bytes]]:
         if envelope.is_reserved(name):
             raise RouteError("bad_headers", f"header {name!r} is reserved for the relay; rename it")
         try:
-            name.encode(), (encoded := value.encode())
+            name.encode()
+            encoded = value.encode()
         except UnicodeEncodeError:  # a \ud800 escape: valid JSON, but no UTF-8 spelling
             raise RouteError("bad_headers", f"header {name!r} holds a lone surrogate escape, which UTF-8 "
                                             f"cannot carry; fix the producer") from None

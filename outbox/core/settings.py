@@ -256,7 +256,7 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"uses unknown placeholder(s) {sorted(unknown)}")
         # Its fixed text alone must already be legal, or every event would be dead-lettered.
-        literal = "".join(text for text, _, _, _ in string.Formatter().parse(value))
+        literal = "".join(text for text, _, _, _ in parsed)
         bad = sorted(set(re.sub(r"[a-zA-Z0-9._-]", "", literal)))
         if bad:
             raise ValueError(f"contains {bad}, which Kafka does not allow in topic names (only letters, digits, "
